@@ -1,0 +1,3 @@
+"""GrandModel inference service."""
+
+__version__ = "0.1.0"
