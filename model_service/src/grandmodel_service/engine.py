@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 # TorchScript is in maintenance mode upstream but remains the simplest self-contained,
 # Python-free artifact format that torch 2.13 loads; silence its deprecation notice.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated", category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.jit\..*deprecated", category=DeprecationWarning
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -56,7 +58,9 @@ class BatchOutput:
         )
 
 
-def run_forward(module: torch.nn.Module | torch.jit.ScriptModule, inputs: np.ndarray) -> BatchOutput:
+def run_forward(
+    module: torch.nn.Module | torch.jit.ScriptModule, inputs: np.ndarray
+) -> BatchOutput:
     """Deterministic forward pass: softmax probabilities and values."""
     with torch.inference_mode():
         logits, value = module(torch.from_numpy(inputs))
@@ -156,7 +160,9 @@ def load_model(
             f"file has {digest}"
         )
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        module = torch.jit.load(  # type: ignore[no-untyped-call]
+            io.BytesIO(data), map_location="cpu"
+        )
     except Exception as exc:  # torch raises a variety of errors for corrupt archives
         raise ModelLoadError(f"cannot load {manifest.artifact_path}: {exc}") from exc
     module.eval()

@@ -53,7 +53,9 @@ def export_model(
     tmp.replace(artifact)
 
     # Goldens come from the artifact as written, so they test exactly what will be served.
-    reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+    reloaded = torch.jit.load(  # type: ignore[no-untyped-call]
+        io.BytesIO(data), map_location="cpu"
+    ).eval()
     rng = np.random.default_rng(seed + 10_000)
     inputs = rng.standard_normal((golden_count, *spec.input_shape), dtype=np.float32)
     out = run_forward(reloaded, inputs)

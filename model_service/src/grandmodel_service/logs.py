@@ -9,7 +9,9 @@ from typing import Any
 
 import orjson
 
-_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {
+    "message", "asctime", "color_message"
+}
 
 
 class JsonLinesFormatter(logging.Formatter):

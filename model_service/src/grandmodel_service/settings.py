@@ -59,7 +59,7 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     access_log: bool = Field(False, description="uvicorn access log (costs throughput)")
-    graceful_timeout_s: float = Field(30.0, gt=0, description="In-flight grace on SIGTERM")
+    graceful_timeout_s: int = Field(30, ge=1, description="In-flight grace on SIGTERM")
     drain_timeout_s: float = Field(30.0, gt=0, description="Longest wait of POST /admin/drain")
     keepalive_timeout_s: int = Field(75, ge=1, description="HTTP keep-alive idle timeout")
     backlog: int = Field(2048, ge=16)
