@@ -1,0 +1,33 @@
+# GrandModel Ops. Run as root on Debian 12; every target installs what it needs first.
+#   make demo   sandbox hosts on local podman + site.yml on them, then where to look
+#   make test   every check: lint, sanity, pytest, molecule scenarios (summary at the end)
+PY := .venv/bin/python
+
+.PHONY: setup demo test bench lint sandbox-up sandbox-down molecule-% clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	@$(PY) scripts/run_checks.py
+
+lint: setup
+	@$(PY) scripts/run_checks.py --only collections --only yamllint --only ansible-lint --only ruff --only mypy
+
+bench: setup
+	@$(PY) -m grandmodel_service.bench
+
+sandbox-up: setup
+	@$(PY) scripts/sandbox.py up
+
+sandbox-down:
+	@python3 scripts/sandbox.py down
+
+molecule-%: setup
+	@$(PY) scripts/run_checks.py --only molecule:$*
+
+clean: sandbox-down
+	rm -rf reports .ansible/facts

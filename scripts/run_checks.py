@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Run every GrandModel Ops check in order and end with a readable summary.
+
+Lint (yamllint, ansible-lint production profile, ruff, mypy), `ansible-test sanity` in place,
+pytest for the repository, the collection's unit tests and the inference service, then each
+Molecule scenario on local podman hosts. Each step's full output goes to reports/<step>.log; a
+failed step's tail is printed right away. The last line reads "checks: N passed, N failed".
+
+  scripts/run_checks.py                 all steps
+  scripts/run_checks.py --list          names of the steps
+  scripts/run_checks.py --only ruff --only molecule:common
+  scripts/run_checks.py --skip molecule
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+COLLECTION = REPO / "ansible_collections" / "quantnova" / "grandmodel"
+REPORTS = REPO / "reports"
+PYTHON_PATHS = ["scripts", "tests", "molecule", "ansible_collections/quantnova/grandmodel/plugins",
+                "ansible_collections/quantnova/grandmodel/tests"]
+
+
+@dataclass
+class Step:
+    name: str
+    cmd: list[str]
+    cwd: Path = REPO
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: int = 1800
+
+
+@dataclass
+class Result:
+    step: Step
+    ok: bool
+    seconds: float
+    detail: str
+
+
+def molecule_scenarios() -> list[str]:
+    return sorted(p.parent.name for p in (REPO / "molecule").glob("*/molecule.yml"))
+
+
+def build_steps() -> list[Step]:
+    py = str(VENV_BIN / "python")
+    steps = [
+        Step("collections", [py, "scripts/check_collections.py"]),
+        Step("yamllint", [str(VENV_BIN / "yamllint"), "--strict", "."]),
+        Step("ansible-lint", [str(VENV_BIN / "ansible-lint"), "--profile", "production",
+                              "--offline", "--nocolor"]),
+        Step("ruff", [str(VENV_BIN / "ruff"), "check", *PYTHON_PATHS, "model_service"]),
+        Step("mypy", [str(VENV_BIN / "mypy"), "scripts"]),
+        Step("ansible-test-sanity",
+             [str(VENV_BIN / "ansible-test"), "sanity", "--venv", "--python", "3.11",
+              "--color", "no"], cwd=COLLECTION, timeout=2400),
+        Step("pytest-repo", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
+                             "ansible_collections/quantnova/grandmodel/tests/unit"]),
+    ]
+    if (REPO / "model_service" / "tests").is_dir():
+        steps.append(Step("pytest-service", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                             "tests"], cwd=REPO / "model_service"))
+    for scenario in molecule_scenarios():
+        steps.append(Step(f"molecule:{scenario}",
+                          [str(VENV_BIN / "molecule"), "test", "-s", scenario], timeout=2400))
+    return steps
+
+
+def selected(step: Step, only: list[str], skip: list[str]) -> bool:
+    def matches(pattern: str) -> bool:
+        return step.name == pattern or step.name.startswith(pattern + ":")
+
+    if only and not any(matches(p) for p in only):
+        return False
+    return not any(matches(p) for p in skip)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def summarize_output(log: Path) -> str:
+    """One short phrase from the step's own output (pytest's closing line, lint counts)."""
+    for line in reversed(log.read_text(errors="replace").splitlines()[-60:]):
+        stripped = line.strip("= ").strip()
+        if any(word in stripped for word in (" passed", " failed", "error", "Found ", "Passed",
+                                              "Success", "All checks passed", "violation")):
+            return stripped[:70]
+    return ""
+
+
+def run_step(step: Step, index: int, total: int) -> Result:
+    REPORTS.mkdir(exist_ok=True)
+    log = REPORTS / (step.name.replace(":", "-") + ".log")
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update({"NO_COLOR": "1", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
+                "PY_COLORS": "0", "MOLECULE_NO_LOG": "false"})
+    env.update(step.env)
+    label = f"[{index:>2}/{total}] {step.name}"
+    print(f"{label} ...", flush=True)
+    started = time.monotonic()
+    with log.open("w") as out:
+        out.write(f"$ (cd {step.cwd}) {' '.join(step.cmd)}\n")
+        out.flush()
+        try:
+            proc = subprocess.run(step.cmd, cwd=step.cwd, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=step.timeout, check=False)
+            ok = proc.returncode == 0
+            detail = "" if ok else f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            ok, detail = False, f"timed out after {step.timeout}s"
+        except FileNotFoundError as exc:
+            ok, detail = False, f"cannot run: {exc}"
+    seconds = time.monotonic() - started
+    detail = summarize_output(log) + (f" ({detail})" if detail else "")
+    print(f"{label} {'PASS' if ok else 'FAIL'} in {seconds:.1f}s  {detail}".rstrip(), flush=True)
+    if not ok:
+        print(f"----- last lines of {log.relative_to(REPO)} -----\n{tail(log)}\n-----", flush=True)
+    return Result(step, ok, seconds, detail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], help="run only these steps")
+    parser.add_argument("--skip", action="append", default=[], help="skip these steps")
+    parser.add_argument("--list", action="store_true", help="list the steps and exit")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failure")
+    args = parser.parse_args(argv)
+
+    steps = [s for s in build_steps() if selected(s, args.only, args.skip)]
+    if args.list:
+        print("\n".join(s.name for s in steps))
+        return 0
+    if not steps:
+        print("no step matches the selection", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    results: list[Result] = []
+    for i, step in enumerate(steps, 1):
+        results.append(run_step(step, i, len(steps)))
+        if args.fail_fast and not results[-1].ok:
+            break
+    total = time.monotonic() - started
+    passed = sum(r.ok for r in results)
+    failed = len(results) - passed
+    width = max(len(r.step.name) for r in results)
+    print("\n=== GrandModel Ops checks ===")
+    for r in results:
+        print(f"  {r.step.name:<{width}}  {'PASS' if r.ok else 'FAIL'}  {r.seconds:7.1f}s  {r.detail}")
+    print(f"  {'total':<{width}}        {total:7.1f}s  (logs in reports/)")
+    print(f"checks: {passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

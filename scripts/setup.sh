@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install everything GrandModel Ops needs on a Debian 12 machine, as root. Safe to re-run: each
+# step is skipped when already done.
+#   1. Debian packages (podman, runc, debootstrap, python3-venv, ...), podman configuration and the
+#      systemd Debian 12 base image for sandbox/molecule hosts (scripts/sandbox.py prepare)
+#   2. the project virtualenv .venv with the pinned Python dependencies (requirements.txt)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root: sandbox hosts are rootful podman containers with systemd"
+[ -r /etc/debian_version ] || die "this set-up expects Debian 12 (apt, debootstrap)"
+command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3; }
+
+python3 scripts/sandbox.py prepare
+
+stamp=.venv/.requirements.sha256
+want=$(cat requirements.txt model_service/pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  say "virtualenv .venv is current"
+else
+  say "installing Python dependencies into .venv (first run: a few minutes)"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  echo "$want" > "$stamp"
+  say "virtualenv ready: $(.venv/bin/ansible --version | head -1)"
+fi
+.venv/bin/python scripts/check_collections.py
+
+# ansible-test bootstraps pip in its sanity virtualenvs from a URL our networks cannot reach:
+# give it the offline stand-in under the cached name it looks for.
+pip_ver=$(.venv/bin/python - <<'PY'
+import pathlib, re, ansible_test
+src = pathlib.Path(ansible_test.__file__).parent / "_internal" / "python_requirements.py"
+print(re.search(r"pip='([0-9.]+)'", src.read_text()).group(1))
+PY
+)
+cache="$HOME/.ansible/test/cache/get_pip_${pip_ver//./_}.py"
+if ! cmp -s scripts/ansible_test_get_pip.py "$cache"; then
+  install -D -m 0644 scripts/ansible_test_get_pip.py "$cache"
+  say "installed the offline pip bootstrap for ansible-test at $cache"
+fi
