@@ -7,6 +7,7 @@ Galaxy is unreachable here and on trading networks: the collections must come fr
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -48,8 +49,11 @@ def installed_collections() -> dict[str, str]:
     return found
 
 
-def main() -> int:
-    wanted = yaml.safe_load((REPO / "requirements.yml").read_text())["collections"]
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requirements", type=Path, default=REPO / "requirements.yml")
+    args = parser.parse_args(argv)
+    wanted = yaml.safe_load(args.requirements.read_text())["collections"]
     have = installed_collections()
     problems = []
     for entry in wanted:

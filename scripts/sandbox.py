@@ -94,8 +94,8 @@ def prepare() -> None:
     if missing:
         log(f"installing Debian packages: {' '.join(missing)}")
         env_prefix = ["env", "DEBIAN_FRONTEND=noninteractive"]
-        run(env_prefix + ["apt-get", "update", "-qq"])
-        run(env_prefix + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing])
+        run([*env_prefix, "apt-get", "update", "-qq"])
+        run([*env_prefix, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing])
     else:
         log("Debian packages present")
     configure_podman()
@@ -204,7 +204,7 @@ def create(names: list[str], publish: dict[str, list[str]]) -> None:
                "--cap-add", "SYS_RESOURCE", "--cap-add", "IPC_LOCK"]
         for mapping in publish.get(name, []):
             cmd += ["--publish", mapping]
-        run(cmd + [IMAGE, "/sbin/init"], capture=True)
+        run([*cmd, IMAGE, "/sbin/init"], capture=True)
         wait_for_systemd(name)
         log(f"host {name} up" + (f" (published {', '.join(publish[name])})"
                                  if publish.get(name) else ""))

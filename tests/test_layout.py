@@ -1,0 +1,121 @@
+"""The repository layout the design asks for: one home for roles and plugins, a clean build."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import COLLECTION, GROUPS, INVENTORIES, REPO, VENV_BIN
+
+ROLES = sorted(p.parent.parent.name for p in (COLLECTION / "roles").glob("*/tasks/main.yml"))
+
+
+@pytest.mark.parametrize("name", ["roles", "plugins"])
+def test_top_level_dirs_are_links_into_the_collection(name: str) -> None:
+    link = REPO / name
+    assert link.is_symlink(), f"{name}/ must be a link, never a copy"
+    assert link.resolve() == (COLLECTION / name).resolve()
+
+
+def test_no_role_lives_outside_the_collection() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    strays = [f for f in tracked if f.endswith("tasks/main.yml")
+              and not f.startswith("ansible_collections/quantnova/grandmodel/roles/")]
+    assert not strays
+
+
+def test_collection_builds_without_tests_molecule_or_service(tmp_path: Path) -> None:
+    subprocess.run([str(VENV_BIN / "ansible-galaxy"), "collection", "build", str(COLLECTION),
+                    "--output-path", str(tmp_path)], check=True, capture_output=True)
+    (tarball,) = tmp_path.glob("quantnova-grandmodel-*.tar.gz")
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile("MANIFEST.json"))  # type: ignore[arg-type]
+    assert manifest["collection_info"]["namespace"] == "quantnova"
+    assert "roles/common/tasks/main.yml" in names
+    assert "meta/runtime.yml" in names
+    assert not [n for n in names if n.startswith("tests") or "molecule" in n or "model_service" in n]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_argument_specs_match_defaults_key_for_key(role: str) -> None:
+    role_dir = COLLECTION / "roles" / role
+    specs = yaml.safe_load((role_dir / "meta" / "argument_specs.yml").read_text())
+    options = specs["argument_specs"]["main"]["options"]
+    defaults_file = role_dir / "defaults" / "main.yml"
+    defaults = yaml.safe_load(defaults_file.read_text()) if defaults_file.exists() else {}
+    defaults = defaults or {}
+    assert set(defaults) - set(options) == set(), "defaults without an argument spec"
+    assert {k for k, v in options.items() if not v.get("required")} - set(defaults) == set(), \
+        "optional arguments without a default in defaults/main.yml"
+    for key, value in defaults.items():
+        if "default" in options[key] and not (isinstance(value, str) and "{{" in value):
+            assert options[key]["default"] == value, f"{key}: spec default differs from defaults/main.yml"
+    assert all(k.startswith(f"{role}_") for k in options), "public inputs are named <role>_*"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_templates_carry_the_managed_header(role: str) -> None:
+    for template in (COLLECTION / "roles" / role / "templates").glob("*.j2"):
+        first = template.read_text().lstrip().splitlines()[0]
+        assert "ansible_managed" in first, f"{template.name} must start with ansible_managed"
+
+
+def inventory(env: str) -> dict:
+    proc = subprocess.run([str(VENV_BIN / "ansible-inventory"), "-i", str(REPO / "inventories" / env),
+                           "--list"], cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize(("env", "hosts"), [("production", 5), ("staging", 3), ("development", 1),
+                                            ("sandbox", 4)])
+def test_inventories_share_the_production_groups(env: str, hosts: int) -> None:
+    data = inventory(env)
+    assert set(data) >= GROUPS, f"{env} lacks groups {GROUPS - set(data)}"
+    for group in GROUPS:
+        assert data[group]["hosts"], f"{env}: group {group} has no host"
+    assert len(data["_meta"]["hostvars"]) == hosts
+    assert {hv["grandmodel_environment"] for hv in data["_meta"]["hostvars"].values()} == {env}
+
+
+@pytest.mark.parametrize("env", INVENTORIES)
+def test_site_syntax_checks_against_every_inventory(env: str) -> None:
+    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "site.yml", "-i", f"inventories/{env}",
+                           "--syntax-check"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("env", INVENTORIES)
+def test_secrets_come_only_from_vault_or_lookups(env: str) -> None:
+    for path in (REPO / "inventories" / env).rglob("*.yml"):
+        if path.name.endswith(".example"):
+            continue
+        data = yaml.safe_load(path.read_text()) or {}
+        for key, value in data.items():
+            if any(w in key for w in ("password", "token", "secret", "passphrase")) and not key.startswith("__"):
+                text = str(value)
+                assert "vault_" in text or "lookup(" in text, \
+                    f"{path.relative_to(REPO)}: {key} must come from ansible-vault or a lookup"
+    assert not list((REPO / "inventories" / env).rglob("vault.yml")) or all(
+        p.read_text().startswith("$ANSIBLE_VAULT;") for p in (REPO / "inventories" / env).rglob("vault.yml")
+    ), "a vault.yml must be encrypted"
+
+
+def test_changelog_fragments_lint() -> None:
+    proc = subprocess.run([str(VENV_BIN / "antsibull-changelog"), "lint"], cwd=COLLECTION,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in readme
+    assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] \
+        == ["make test"]
