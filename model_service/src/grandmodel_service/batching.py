@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -26,11 +27,16 @@ class _Pending:
 class MicroBatcher:
     """Collects submitted arrays and runs them as one batch on ``executor``.
 
-    Batching is greedy: while a forward pass runs, new requests queue up and the next pass
-    takes all of them (up to ``max_batch_size`` samples), so batches grow with load without
-    adding latency when idle. ``max_wait_s`` optionally holds a non-full batch open longer.
+    While a forward pass runs, new requests queue up and the next pass takes all of them (up
+    to ``max_batch_size`` samples). On a busy single core that alone makes small batches:
+    clients whose answers went out together come back one by one. So the batcher tracks the
+    concurrency it sees (an EWMA of requests submitted and not yet answered) and, when fewer
+    requests than that are queued, holds the batch open for up to ``max_wait_s`` for the
+    rest. A lone client (concurrency 1) therefore never waits, and a crowd batches well.
     A request larger than ``max_batch_size`` runs alone.
     """
+
+    EWMA_WEIGHT = 0.1
 
     def __init__(
         self,
@@ -50,6 +56,9 @@ class MicroBatcher:
         self._on_error = on_error
         self._queue: deque[_Pending] = deque()
         self._queued_samples = 0
+        self._outstanding = 0
+        self._concurrency = 1.0
+        self._target = 1
         self._wakeup = asyncio.Event()
         self._window: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -73,11 +82,18 @@ class MicroBatcher:
         future: asyncio.Future[BatchOutput] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(inputs, future))
         self._queued_samples += inputs.shape[0]
+        self._outstanding += 1
+        self._concurrency += self.EWMA_WEIGHT * (self._outstanding - self._concurrency)
         self._wakeup.set()
         window = self._window
-        if window is not None and self._queued_samples >= self._max_batch_size:
+        if window is not None and (
+            len(self._queue) >= self._target or self._queued_samples >= self._max_batch_size
+        ):
             _resolve(window)
-        return await future
+        try:
+            return await future
+        finally:
+            self._outstanding -= 1
 
     async def _hold_window(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,7 +121,12 @@ class MicroBatcher:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self._max_wait_s > 0 and self._queued_samples < self._max_batch_size:
+            self._target = math.ceil(self._concurrency - 0.25)
+            if (
+                self._max_wait_s > 0
+                and len(self._queue) < self._target
+                and self._queued_samples < self._max_batch_size
+            ):
                 await self._hold_window()
             batch = self._take_batch()
             inputs = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -25,6 +26,17 @@ def load_settings(env_file: Path | None) -> Settings:
     return Settings()
 
 
+def pin_process(cpus: set[int]) -> None:
+    """Pin every thread of this process (torch starts some at import) to ``cpus``."""
+    try:
+        thread_ids = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        thread_ids = [0]
+    for tid in thread_ids:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, cpus)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grandmodel-service", description=__doc__)
     parser.add_argument("--env-file", type=Path, help="env file with GRANDMODEL_* settings")
@@ -39,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     cpus = settings.cpu_set()
     if cpus is not None:
-        os.sched_setaffinity(0, cpus)
+        pin_process(cpus)
     try:
         import uvloop  # noqa: F401
 

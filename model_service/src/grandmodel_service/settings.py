@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     warmup_iterations: int = Field(3, ge=0, le=1000)
 
     batch_max_size: int = Field(256, ge=1, le=65536, description="Samples per forward pass")
-    batch_max_wait_ms: float = Field(0.0, ge=0, le=1000, description="Extra batching window")
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="Longest wait for concurrent requests to join a batch"
+    )
     max_request_samples: int = Field(1024, ge=1, description="Largest batch in one request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body")
     max_mc_passes: int = Field(64, ge=1, le=1024, description="Largest MC-dropout pass count")
