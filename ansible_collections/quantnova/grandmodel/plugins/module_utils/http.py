@@ -1,0 +1,122 @@
+# -*- coding: utf-8 -*-
+# Copyright: (c) 2025, GrandModel Ops
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A tiny stdlib HTTP client for probes: one request, its status, body and wall time.
+
+Modules run on target hosts with the standard library only. Probes go straight to the service
+(never through an environment proxy) and an HTTP error status is an answer, not an exception:
+only a request that could not be made at all (refused, timed out, TLS failure) raises.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+
+HTTP_SPEC_DEFAULTS = {"timeout": 5.0, "validate_certs": True}
+
+
+def http_argument_spec():
+    """The HTTP options shared by the collection's probing modules (doc fragment quantnova.grandmodel.http)."""
+    return dict(
+        timeout=dict(type="float", default=HTTP_SPEC_DEFAULTS["timeout"]),
+        validate_certs=dict(type="bool", default=HTTP_SPEC_DEFAULTS["validate_certs"]),
+        headers=dict(type="dict", default={}),
+    )
+
+
+class HttpProbeError(Exception):
+    """The request could not be made or no answer came back in time."""
+
+
+class HttpResponse:
+    __slots__ = ("body", "elapsed", "headers", "method", "status", "url")
+
+    def __init__(self, *, method, url, status, body, headers, elapsed):
+        self.method = method
+        self.url = url
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.elapsed = elapsed
+
+    @property
+    def ok(self):
+        return 200 <= self.status < 300
+
+    def text(self):
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self):
+        """The body as JSON; ValueError says what was wrong with it."""
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            snippet = self.text()[:120]
+            raise ValueError("%s %s answered %d with a body that is not JSON (%s): %r"
+                             % (self.method, self.url, self.status, exc, snippet)) from exc
+
+
+class HttpClient:
+    """Keeps the per-module settings (timeout, TLS verification, extra headers) in one place."""
+
+    def __init__(self, *, timeout=5.0, validate_certs=True, headers=None):
+        self.timeout = float(timeout)
+        self.validate_certs = bool(validate_certs)
+        self.headers = dict(headers or {})
+        handlers = [urllib.request.ProxyHandler({})]
+        if not self.validate_certs:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def request(self, method, url, *, body=None, json_body=None, headers=None, timeout=None):
+        all_headers = {"User-Agent": "quantnova.grandmodel", "Accept": "application/json"}
+        all_headers.update(self.headers)
+        if json_body is not None:
+            body = json.dumps(json_body).encode("utf-8")
+            all_headers["Content-Type"] = "application/json"
+        all_headers.update(headers or {})
+        req = urllib.request.Request(url, data=body, headers=all_headers, method=method)
+        started = time.monotonic()
+        try:
+            try:
+                with self._opener.open(req, timeout=timeout or self.timeout) as resp:
+                    payload = resp.read()
+                    status, resp_headers = resp.status, dict(resp.headers.items())
+            except urllib.error.HTTPError as exc:
+                payload = exc.read() if exc.fp is not None else b""
+                status, resp_headers = exc.code, dict(exc.headers.items()) if exc.headers else {}
+        except urllib.error.URLError as exc:
+            raise HttpProbeError("%s %s failed: %s" % (method, url, _reason(exc.reason))) from exc
+        except (socket.timeout, TimeoutError) as exc:
+            raise HttpProbeError("%s %s timed out after %.1fs" % (method, url, timeout or self.timeout)) from exc
+        except (OSError, ValueError) as exc:
+            # ValueError: malformed URL; OSError: connection reset, TLS errors while reading, ...
+            raise HttpProbeError("%s %s failed: %s" % (method, url, _reason(exc))) from exc
+        return HttpResponse(method=method, url=url, status=status, body=payload, headers=resp_headers,
+                            elapsed=time.monotonic() - started)
+
+    def get(self, url, **kwargs):
+        return self.request("GET", url, **kwargs)
+
+    def post_json(self, url, payload, **kwargs):
+        return self.request("POST", url, json_body=payload, **kwargs)
+
+
+def _reason(reason):
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()
+    return str(reason) or reason.__class__.__name__
+
+
+def join_url(base, path):
+    return base.rstrip("/") + "/" + path.lstrip("/")
