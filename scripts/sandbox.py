@@ -32,7 +32,8 @@ NETWORK = os.environ.get("GM_SANDBOX_NETWORK", "grandmodel-sandbox")
 LABEL = "io.quantnova.grandmodel.sandbox"
 MIRROR = os.environ.get("GM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 APT_PACKAGES = ["podman", "runc", "debootstrap", "uidmap", "netavark", "aardvark-dns",
-                "python3-venv", "python3-pip", "make", "git", "rsync"]
+                "python3-venv", "python3-pip", "make", "git", "rsync",
+                "nginx"]
 IMAGE_PACKAGES = ["python3", "python3-apt", "systemd", "systemd-sysv", "dbus", "iproute2",
                   "sudo", "ca-certificates", "procps", "curl", "gnupg", "less"]
 CONTAINERS_CONF = Path("/etc/containers/containers.conf.d/50-grandmodel.conf")

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Build what a release ships to hosts: the offline wheelhouse and the model artifacts.
+
+  build/wheelhouse/              grandmodel-service wheel + every dependency (torch CPU included),
+                                 so app hosts install with no network (pip --no-index)
+  build/releases/<version>/      <model>.pt + <model>.manifest.json per model (sha256, golden samples)
+
+Both are skipped when already built for the same inputs. Options:
+  --version V        model release version (required for artifacts)
+  --seed N           init seed for the exported weights (default 7)
+  --corrupt-golden   write a manifest whose golden answers are wrong (to prove the gates refuse it)
+  --wheelhouse-only / --artifacts-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "build"
+WHEELHOUSE = BUILD / "wheelhouse"
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+def log(msg: str) -> None:
+    print(f"[release] {msg}", flush=True)
+
+
+def service_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted((REPO / "model_service").rglob("*")):
+        if path.is_file() and "/tests/" not in str(path) and ".egg-info" not in str(path) \
+                and "__pycache__" not in str(path) and path.suffix in (".py", ".toml", ".typed", ".md"):
+            h.update(path.relative_to(REPO).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_wheelhouse() -> Path:
+    digest = service_digest()
+    stamp = WHEELHOUSE / ".digest"
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        log(f"wheelhouse current ({digest}): {WHEELHOUSE}")
+        return WHEELHOUSE
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    for old in WHEELHOUSE.glob("grandmodel_service-*.whl"):
+        old.unlink()
+    log("building the offline wheelhouse (service + dependencies, torch CPU)")
+    subprocess.run([str(VENV_BIN / "pip"), "wheel", "--quiet", "--disable-pip-version-check",
+                    "--wheel-dir", str(WHEELHOUSE), str(REPO / "model_service")], check=True)
+    stamp.write_text(digest + "\n")
+    wheels = sorted(p.name for p in WHEELHOUSE.glob("*.whl"))
+    log(f"wheelhouse ready: {len(wheels)} wheels")
+    return WHEELHOUSE
+
+
+def build_artifacts(version: str, seed: int, corrupt_golden: bool) -> Path:
+    out = BUILD / "releases" / version
+    manifests = sorted(out.glob("*.manifest.json"))
+    if len(manifests) >= 2:
+        log(f"artifacts for {version} exist: {out}")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(VENV_BIN / "grandmodel-export"), "--out", str(out), "--version", version,
+                    "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
+    if corrupt_golden:
+        # The artifact is intact (sha256 matches) but its recorded answers are wrong: the
+        # service must refuse to become ready and the pre-promotion gate must stop the release.
+        path = out / "strategic.manifest.json"
+        data = json.loads(path.read_text())
+        for sample in data["golden"]["samples"]:
+            sample["probabilities"] = list(reversed(sample["probabilities"]))
+            sample["value"] = sample["value"] + 0.5
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        log(f"artifacts for {version} written with WRONG golden answers (test release)")
+    else:
+        log(f"artifacts for {version} written: {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--corrupt-golden", action="store_true")
+    parser.add_argument("--wheelhouse-only", action="store_true")
+    parser.add_argument("--artifacts-only", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.artifacts_only:
+        build_wheelhouse()
+    if not args.wheelhouse_only:
+        if not args.version:
+            parser.error("--version is required to build artifacts")
+        build_artifacts(args.version, args.seed, args.corrupt_golden)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
