@@ -25,7 +25,7 @@ def http_argument_spec():
     return dict(
         timeout=dict(type="float", default=HTTP_SPEC_DEFAULTS["timeout"]),
         validate_certs=dict(type="bool", default=HTTP_SPEC_DEFAULTS["validate_certs"]),
-        headers=dict(type="dict", default={}),
+        headers=dict(type="dict", default={}, no_log=True),
     )
 
 

@@ -1,0 +1,286 @@
+# -*- coding: utf-8 -*-
+# Copyright: (c) 2025, GrandModel Ops
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: health_gate
+short_description: Decide from repeated measurements whether a GrandModel inference service may take traffic
+version_added: 0.1.0
+description:
+  - Read-only analysis in the manner of an Argo Rollouts AnalysisRun, for any host that can reach the service.
+  - After O(initial_delay) seconds, takes up to O(count) measurements O(interval) seconds apart. Each measurement runs
+    the selected O(checks) against O(url).
+  - A check fails when the service answers wrongly and errors when no answer could be had (refused, timed out).
+    A measurement is C(failed) if any check failed, else C(error) if any check errored, else C(successful).
+  - The gate fails as soon as more than O(failure_limit) measurements failed or more than O(consecutive_error_limit)
+    consecutive measurements errored; it passes as soon as neither can happen any more. A gate without a single
+    successful measurement never passes.
+  - On failure the module fails with a message naming the check, the value and the threshold, and returns the same
+    evidence (RV(measurements), RV(summary)) as on success.
+author:
+  - GrandModel Ops (@quantnova)
+extends_documentation_fragment:
+  - quantnova.grandmodel.http
+attributes:
+  check_mode:
+    support: full
+    description: The gate only reads; it runs the same way in check mode.
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
+options:
+  url:
+    description: Base URL of the service to probe, for example C(http://127.0.0.1:8002).
+    type: str
+    required: true
+  interval:
+    description: Seconds between measurements.
+    type: float
+    default: 5.0
+  count:
+    description: Measurements to take when no early verdict is reached.
+    type: int
+    default: 5
+  initial_delay:
+    description: Seconds to wait before the first measurement.
+    type: float
+    default: 0.0
+  failure_limit:
+    description: Failed measurements tolerated; one more fails the gate.
+    type: int
+    default: 0
+  consecutive_error_limit:
+    description: Consecutive measurements that could not be made tolerated; one more fails the gate.
+    type: int
+    default: 4
+  checks:
+    description:
+      - Checks to run in each measurement. Defaults to every check that is configured.
+      - V(health) (GET C(/health) answers 200) and V(ready) (GET C(/ready) answers 200) are always configured.
+      - V(version) compares GET C(/version) with O(expected_version), O(expected_color), O(expected_models) and the
+        version and sha256 of each of O(manifests).
+      - V(golden) posts each golden sample of O(manifests) to C(/v1/models/<name>/predict) and compares the
+        probabilities and value within the manifest's C(atol) and the action exactly.
+      - V(latency) compares the O(latency_quantile) of the gate's own predict (golden) requests in the measurement,
+        or of its C(/health) requests without golden samples, with O(latency_threshold_ms).
+      - V(error_rate) scrapes C(/metrics) and compares the share of 5xx answers in C(grandmodel_http_requests_total)
+        since the gate's first scrape with O(error_rate_threshold).
+    type: list
+    elements: str
+    choices: [health, ready, version, golden, latency, error_rate]
+  expected_version:
+    description: The C(service_version) C(/version) must report.
+    type: str
+  expected_color:
+    description: The C(color) C(/version) must report.
+    type: str
+  expected_models:
+    description:
+      - Models C(/version) must report as loaded, as C({name: {version: ..., sha256: ...}}).
+      - Models of O(manifests) are added with the manifest's version and sha256 unless named here.
+    type: dict
+  manifests:
+    description:
+      - Paths on the target host of model manifest JSON files (name, version, sha256, golden samples with C(atol)).
+    type: list
+    elements: path
+    default: []
+  latency_quantile:
+    description: Quantile (nearest rank) of the probe latencies compared with O(latency_threshold_ms).
+    type: float
+    default: 0.99
+  latency_threshold_ms:
+    description: Highest acceptable latency quantile in milliseconds; configures the V(latency) check.
+    type: float
+  error_rate_threshold:
+    description: Highest acceptable fraction of 5xx answers, for example V(0.01); configures the V(error_rate) check.
+    type: float
+  error_rate_exclude_routes:
+    description:
+      - Values of the C(route) label left out of the error rate; the default leaves out the gate's own scrapes.
+    type: list
+    elements: str
+    default: [/metrics]
+notes:
+  - The error rate is computed between the first and the latest scrape of the gate window; a counter that went down
+    (the service restarted) is counted from zero. With no requests in the window the error rate is 0.
+seealso:
+  - module: quantnova.grandmodel.traffic_switch
+  - name: Argo Rollouts analysis
+    description: The measurement, failure limit and consecutive error limit model this gate follows.
+    link: https://argo-rollouts.readthedocs.io/en/stable/features/analysis/
+"""
+
+EXAMPLES = r"""
+- name: Ensure the idle colour serves the new models correctly before it takes traffic
+  quantnova.grandmodel.health_gate:
+    url: http://127.0.0.1:8002
+    interval: 2
+    count: 5
+    failure_limit: 0
+    expected_version: "1.4.0"
+    expected_color: green
+    manifests:
+      - /opt/grandmodel/models/strategic/manifest.json
+      - /opt/grandmodel/models/tactical/manifest.json
+    latency_threshold_ms: 10
+  register: __rollout_pre_gate
+
+- name: Ensure live traffic on the new colour stays healthy after the switch
+  quantnova.grandmodel.health_gate:
+    url: http://127.0.0.1:8002
+    initial_delay: 5
+    interval: 10
+    count: 6
+    failure_limit: 1
+    checks: [health, ready, error_rate]
+    error_rate_threshold: 0.01
+"""
+
+RETURN = r"""
+passed:
+  description: Whether the gate passed (also returned, V(false), when the module fails because the gate failed).
+  returned: always
+  type: bool
+  sample: true
+measurements:
+  description: One entry per measurement taken.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    index:
+      description: Number of the measurement, from 1.
+      type: int
+    timestamp:
+      description: UTC time the measurement ended.
+      type: str
+    phase:
+      description: V(successful), V(failed) or V(error).
+      type: str
+    checks:
+      description: Per check, C(ok), C(value), C(threshold) (when passed), C(message) and C(error) (when not passed).
+      type: dict
+  sample:
+    - index: 1
+      timestamp: "2025-06-02T07:55:01.123456Z"
+      phase: successful
+      checks:
+        health: {ok: true, value: 200, threshold: 200, message: alive}
+        latency: {ok: true, value: 3.2, threshold: 10, message: p99 3.2 ms}
+summary:
+  description: The verdict and the counts it rests on.
+  returned: always
+  type: dict
+  contains:
+    verdict:
+      description: V(passed) or V(failed).
+      type: str
+    reason:
+      description:
+        - V(completed) or V(certain) (passed early), V(failure_limit), V(consecutive_error_limit) or
+          V(no_successful_measurement).
+      type: str
+    message:
+      description: One sentence naming the check, the value and the threshold.
+      type: str
+    measurements:
+      description: Measurements taken.
+      type: int
+    stopped_early:
+      description: Whether the verdict came before O(count) measurements.
+      type: bool
+    successful:
+      description: Successful measurements.
+      type: int
+    failed:
+      description: Failed measurements.
+      type: int
+    errors:
+      description: Measurements that could not be made.
+      type: int
+    consecutive_errors_max:
+      description: Longest run of errored measurements.
+      type: int
+    error_rate:
+      description: Error rate, 5xx and total requests over the whole window (with the V(error_rate) check).
+      type: dict
+    latency_ms:
+      description: Latency quantile over all of the gate's probes (with the V(latency) check).
+      type: dict
+    duration_s:
+      description: Seconds the gate took.
+      type: float
+  sample:
+    verdict: passed
+    reason: completed
+    message: "health gate passed: 5 of 5 measurements successful (0 failed, failure_limit 0)"
+    measurements: 5
+    successful: 5
+    failed: 0
+    errors: 0
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.quantnova.grandmodel.plugins.module_utils.health import (
+    CHECKS,
+    GateConfig,
+    HealthGate,
+    HealthGateError,
+    load_manifest,
+)
+from ansible_collections.quantnova.grandmodel.plugins.module_utils.http import HttpClient, http_argument_spec
+
+
+def argument_spec():
+    spec = http_argument_spec()
+    spec.update(
+        url=dict(type="str", required=True),
+        interval=dict(type="float", default=5.0),
+        count=dict(type="int", default=5),
+        initial_delay=dict(type="float", default=0.0),
+        failure_limit=dict(type="int", default=0),
+        consecutive_error_limit=dict(type="int", default=4),
+        checks=dict(type="list", elements="str", choices=list(CHECKS)),
+        expected_version=dict(type="str"),
+        expected_color=dict(type="str"),
+        expected_models=dict(type="dict"),
+        manifests=dict(type="list", elements="path", default=[]),
+        latency_quantile=dict(type="float", default=0.99),
+        latency_threshold_ms=dict(type="float"),
+        error_rate_threshold=dict(type="float"),
+        error_rate_exclude_routes=dict(type="list", elements="str", default=["/metrics"]),
+    )
+    return spec
+
+
+def run_gate(params):
+    config = GateConfig(
+        params["url"], interval=params["interval"], count=params["count"], initial_delay=params["initial_delay"],
+        failure_limit=params["failure_limit"], consecutive_error_limit=params["consecutive_error_limit"],
+        checks=params["checks"], expected_version=params["expected_version"],
+        expected_color=params["expected_color"], expected_models=params["expected_models"],
+        manifests=[load_manifest(path) for path in params["manifests"]],
+        latency_quantile=params["latency_quantile"], latency_threshold_ms=params["latency_threshold_ms"],
+        error_rate_threshold=params["error_rate_threshold"],
+        error_rate_exclude_routes=params["error_rate_exclude_routes"],
+    )
+    client = HttpClient(timeout=params["timeout"], validate_certs=params["validate_certs"],
+                        headers=params["headers"])
+    return HealthGate(config, client).run()
+
+
+def main():
+    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
+    try:
+        result = run_gate(module.params)
+    except HealthGateError as exc:
+        module.fail_json(msg=str(exc), **dict({"passed": False}, **exc.result))
+    module.exit_json(changed=False, **result)
+
+
+if __name__ == "__main__":
+    main()
