@@ -97,6 +97,7 @@ async def _load_slot(runtime: Runtime, slot: ModelSlot) -> None:
         model.predict, runtime.executor,
         max_batch_size=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000,
+        arrival_gap_s=settings.batch_arrival_gap_ms / 1000,
         on_batch=partial(metrics.observe_batch, slot.name),
         on_error=lambda _exc: errors.inc(),
     )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -31,8 +32,10 @@ class MicroBatcher:
     to ``max_batch_size`` samples). On a busy single core that alone makes small batches:
     clients whose answers went out together come back one by one. So the batcher tracks the
     concurrency it sees (an EWMA of requests submitted and not yet answered) and, when fewer
-    requests than that are queued, holds the batch open for up to ``max_wait_s`` for the
-    rest. A lone client (concurrency 1) therefore never waits, and a crowd batches well.
+    requests than that are queued, keeps yielding to the event loop so that requests already
+    on the wire can join, for as long as they keep arriving at most ``arrival_gap_s`` apart
+    and never longer than ``max_wait_s`` in all. A lone client never waits; a crowd batches
+    well. Event-loop timers have 1 ms resolution, too coarse for this, hence the yielding.
     A request larger than ``max_batch_size`` runs alone.
     """
 
@@ -45,6 +48,7 @@ class MicroBatcher:
         *,
         max_batch_size: int,
         max_wait_s: float,
+        arrival_gap_s: float = 0.0003,
         on_batch: Callable[[int, float], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -52,16 +56,19 @@ class MicroBatcher:
         self._executor = executor
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
+        self._arrival_gap_s = arrival_gap_s
         self._on_batch = on_batch
         self._on_error = on_error
         self._queue: deque[_Pending] = deque()
         self._queued_samples = 0
         self._outstanding = 0
         self._concurrency = 1.0
-        self._target = 1
         self._wakeup = asyncio.Event()
-        self._window: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def observed_concurrency(self) -> float:
+        return self._concurrency
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="batcher")
@@ -85,25 +92,27 @@ class MicroBatcher:
         self._outstanding += 1
         self._concurrency += self.EWMA_WEIGHT * (self._outstanding - self._concurrency)
         self._wakeup.set()
-        window = self._window
-        if window is not None and (
-            len(self._queue) >= self._target or self._queued_samples >= self._max_batch_size
-        ):
-            _resolve(window)
         try:
             return await future
         finally:
             self._outstanding -= 1
 
-    async def _hold_window(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._window = window = loop.create_future()
-        handle = loop.call_later(self._max_wait_s, _resolve, window)
-        try:
-            await window
-        finally:
-            handle.cancel()
-            self._window = None
+    async def _gather(self) -> None:
+        """Yield to the loop while more requests are expected and still arriving."""
+        target = math.ceil(self._concurrency - 0.25)
+        if self._max_wait_s <= 0 or len(self._queue) >= target:
+            return
+        clock = time.perf_counter
+        now = clock()
+        deadline = now + self._max_wait_s
+        last_arrival, seen = now, len(self._queue)
+        while len(self._queue) < target and self._queued_samples < self._max_batch_size:
+            await asyncio.sleep(0)
+            now = clock()
+            if len(self._queue) != seen:
+                last_arrival, seen = now, len(self._queue)
+            elif now - last_arrival > self._arrival_gap_s or now > deadline:
+                return
 
     def _take_batch(self) -> list[_Pending]:
         batch = [self._queue.popleft()]
@@ -121,13 +130,7 @@ class MicroBatcher:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            self._target = math.ceil(self._concurrency - 0.25)
-            if (
-                self._max_wait_s > 0
-                and len(self._queue) < self._target
-                and self._queued_samples < self._max_batch_size
-            ):
-                await self._hold_window()
+            await self._gather()
             batch = self._take_batch()
             inputs = (
                 batch[0].inputs
@@ -155,8 +158,3 @@ class MicroBatcher:
                         output if len(batch) == 1 else output.slice(offset, offset + size)
                     )
                 offset += size
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

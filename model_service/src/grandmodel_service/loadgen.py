@@ -60,10 +60,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.busy:
-            self.driver.stats.errors += 1
-            self.busy = False
-        self.driver.connection_lost(self)
+        was_busy, self.busy = self.busy, False
+        self.driver.connection_lost(self, was_busy)
 
     def send(self, request: bytes, intended_at: float) -> None:
         assert self.transport is not None
@@ -104,6 +102,7 @@ class _Driver:
         self.idle: deque[_Connection] = deque()
         self.backlog: deque[float] = deque()
         self.open_loop = False
+        self.finished_sending = False
         self.outstanding = 0
         self.done = asyncio.get_running_loop().create_future()
 
@@ -118,20 +117,28 @@ class _Driver:
                 self.stats.first = started
             self.stats.last = now
         if self.open_loop:
-            if self.backlog:
-                self.outstanding += 1
+            if self.backlog:  # already counted as outstanding when it was due
                 conn.send(self.request, self.backlog.popleft())
             else:
                 self.idle.append(conn)
         elif now < self.end_at:
             self.outstanding += 1
             conn.send(self.request, now)
-        if now >= self.end_at and self.outstanding == 0 and not self.done.done():
+        else:
+            self.finished_sending = True
+        self.check_done()
+
+    def check_done(self) -> None:
+        if self.finished_sending and self.outstanding == 0 and not self.done.done():
             self.done.set_result(None)
 
-    def connection_lost(self, conn: _Connection) -> None:
+    def connection_lost(self, conn: _Connection, was_busy: bool) -> None:
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
+        if was_busy:
+            self.stats.errors += 1
+            self.outstanding -= 1
+            self.check_done()
 
 
 def load_request(spec: dict[str, Any]) -> bytes:
@@ -173,7 +180,12 @@ async def run_load(spec: dict[str, Any], request: bytes) -> dict[str, Any]:
                     driver.idle.popleft().send(request, intended)
                 else:
                     driver.backlog.append(intended)
-            await asyncio.sleep(max(0.0, start + sent * interval - time.perf_counter()))
+            # Timers have 1 ms resolution: sleep coarsely, then spin (this core is ours) so
+            # that requests leave on schedule instead of in bursts.
+            remaining = start + sent * interval - time.perf_counter()
+            await asyncio.sleep(remaining - 0.0015 if remaining > 0.002 else 0)
+        driver.finished_sending = True
+        driver.check_done()
     else:
         for conn in connections:
             driver.outstanding += 1

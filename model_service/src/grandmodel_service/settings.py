@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="Longest wait for concurrent requests to join a batch"
     )
+    batch_arrival_gap_ms: float = Field(
+        0.3, ge=0, le=100, description="Stop waiting when no request joined for this long"
+    )
     max_request_samples: int = Field(1024, ge=1, description="Largest batch in one request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body")
     max_mc_passes: int = Field(64, ge=1, le=1024, description="Largest MC-dropout pass count")
