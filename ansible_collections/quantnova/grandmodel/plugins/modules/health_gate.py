@@ -79,7 +79,7 @@ options:
     type: str
   expected_models:
     description:
-      - Models C(/version) must report as loaded, as C({name: {version: ..., sha256: ...}}).
+      - "Models C(/version) must report as loaded, as C({name: {version: ..., sha256: ...}})."
       - Models of O(manifests) are added with the manifest's version and sha256 unless named here.
     type: dict
   manifests:

@@ -52,7 +52,7 @@ options:
   upstream_file:
     description:
       - The nginx upstream file that holds the live colour, for example C(/etc/nginx/conf.d/grandmodel_upstream.conf).
-      - Its first lines carry C(# active_color: <colour>), which is how the live colour is read back.
+      - "Its first lines carry C(# active_color: <colour>), which is how the live colour is read back."
     type: path
     required: true
   upstream_name:

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not ANSIBLE.exists(), reason="the project virtua
 
 
 def ansible_module(module: str, args: dict[str, Any], *extra: str) -> tuple[int, dict[str, Any]]:
+    callback = "ansible.posix.json"
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-               ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json", NO_COLOR="1")
+               ANSIBLE_STDOUT_CALLBACK=callback, ANSIBLE_CALLBACKS_ENABLED=callback, NO_COLOR="1")
     proc = subprocess.run(
         [str(ANSIBLE), "localhost", "-i", "localhost,", "-c", "local", "-m", f"quantnova.grandmodel.{module}",
          "-a", json.dumps(args), "-e", f"ansible_python_interpreter={TARGET_PYTHON}", *extra],

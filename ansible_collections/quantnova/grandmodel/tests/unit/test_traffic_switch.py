@@ -20,10 +20,11 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic impor
 )
 from ansible_collections.quantnova.grandmodel.plugins.modules import traffic_switch
 
-# -- rendering and reading the upstream file ------------------------------------------------------
+UPSTREAM = "grandmodel_backend"
+
 
 def test_render_upstream_has_the_colour_header_servers_and_keepalive() -> None:
-    text = render_upstream("grandmodel_backend", "green", ["127.0.0.1:8002", "10.0.0.5:8002"], 32)
+    text = render_upstream(UPSTREAM, "green", ["127.0.0.1:8002", "10.0.0.5:8002"], 32)
     assert text.splitlines()[1] == "# active_color: green"
     assert "upstream grandmodel_backend {" in text
     assert "    server 127.0.0.1:8002 max_fails=0;" in text
@@ -62,7 +63,7 @@ def test_read_state_falls_back_to_the_state_file_and_notices_outside_switches(tm
     backend.state.write("green", "blue")
     state = backend.read_state()
     assert (state.active, state.previous, state.source) == ("green", "blue", "state_file")
-    upstream.write_text(render_upstream("grandmodel_backend", "blue", ["127.0.0.1:1"], 0))
+    upstream.write_text(render_upstream(UPSTREAM, "blue", ["127.0.0.1:1"], 0))
     state = backend.read_state()  # someone switched back by hand: the header wins, green becomes previous
     assert (state.active, state.previous, state.source) == ("blue", "green", "upstream_file")
 
