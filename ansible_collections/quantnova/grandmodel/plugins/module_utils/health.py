@@ -19,7 +19,11 @@ import math
 import re
 import time
 
-from ansible_collections.quantnova.grandmodel.plugins.module_utils.http import HttpClient, HttpProbeError, join_url
+from ansible_collections.quantnova.grandmodel.plugins.module_utils.http_client import (
+    HttpClient,
+    HttpProbeError,
+    join_url,
+)
 
 CHECKS = ("health", "ready", "version", "golden", "latency", "error_rate")
 REQUESTS_METRIC = "grandmodel_http_requests_total"

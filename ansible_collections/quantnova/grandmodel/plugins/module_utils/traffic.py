@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 
-from ansible_collections.quantnova.grandmodel.plugins.module_utils.http import HttpClient, HttpProbeError
+from ansible_collections.quantnova.grandmodel.plugins.module_utils.http_client import HttpClient, HttpProbeError
 
 COLORS = ("blue", "green")
 HEADER = "# Managed by quantnova.grandmodel.traffic_switch: edit the colour with that module, not by hand."

@@ -22,15 +22,18 @@ description:
 author:
   - GrandModel Ops (@quantnova)
 extends_documentation_fragment:
-  - quantnova.grandmodel.http
+  - quantnova.grandmodel.http_client
 attributes:
   check_mode:
     support: full
     description: The gate only reads; it runs the same way in check mode.
   diff_mode:
     support: none
+    description: Nothing is changed, so there is nothing to diff.
   platform:
+    support: full
     platforms: posix
+    description: Any host with Python 3 that can reach O(url).
 options:
   url:
     description: Base URL of the service to probe, for example C(http://127.0.0.1:8002).
@@ -232,7 +235,7 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.health import
     HealthGateError,
     load_manifest,
 )
-from ansible_collections.quantnova.grandmodel.plugins.module_utils.http import HttpClient, http_argument_spec
+from ansible_collections.quantnova.grandmodel.plugins.module_utils.http_client import HttpClient, http_argument_spec
 
 
 def argument_spec():

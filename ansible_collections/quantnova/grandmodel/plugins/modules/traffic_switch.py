@@ -31,7 +31,9 @@ attributes:
     support: full
     description: Returns the upstream file before and after.
   platform:
+    support: full
     platforms: posix
+    description: The host running nginx (the module writes its upstream file and runs C(nginx -t)).
 options:
   backend:
     description: How the front door is steered.

@@ -211,7 +211,7 @@ class NginxUnderTest:
                     raw += chunk
         except OSError:
             return None
-        head, _, body = raw.partition(b"\r\n\r\n")
+        head, _sep, body = raw.partition(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
             return None
         return str(json.loads(body).get("color"))

@@ -185,7 +185,7 @@ def test_failed_verification_restores_the_old_file_and_reloads(
     assert result["active_color"] == "blue"
     assert nginx.upstream_file.read_text() == before
     # The reload after restoring put blue back for every new connection.
-    assert [nginx.serving() for _ in range(5)] == ["blue"] * 5
+    assert [nginx.serving() for _attempt in range(5)] == ["blue"] * 5
     assert not (nginx.upstream_file.parent / ".grandmodel_upstream.conf.state.json").exists()
 
 

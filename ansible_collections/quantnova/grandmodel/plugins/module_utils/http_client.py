@@ -21,7 +21,7 @@ HTTP_SPEC_DEFAULTS = {"timeout": 5.0, "validate_certs": True}
 
 
 def http_argument_spec():
-    """The HTTP options shared by the collection's probing modules (doc fragment quantnova.grandmodel.http)."""
+    """The HTTP options shared by the collection's probing modules (doc fragment quantnova.grandmodel.http_client)."""
     return dict(
         timeout=dict(type="float", default=HTTP_SPEC_DEFAULTS["timeout"]),
         validate_certs=dict(type="bool", default=HTTP_SPEC_DEFAULTS["validate_certs"]),
