@@ -9,6 +9,7 @@ path (orjson + numpy), which is also the one that words every error message.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +29,7 @@ MC_COLUMNS = (
 )
 _KEEP_SKELETON = bytes(c for c in range(256) if c not in b"[],")
 _ORJSON_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_NON_FINITE_LITERAL = re.compile(rb"(?<![A-Za-z\"])-?(NaN|Infinity|inf|nan)(?![A-Za-z\"])")
 
 
 class RequestError(Exception):
@@ -99,8 +101,10 @@ class InputCodec:
             # The parser refuses to parse again while views into its document are alive.
             del doc, inputs
         samples, remainder = divmod(flat.size, self.sample_size)
-        if remainder or samples == 0 or samples > self.max_samples:
+        if remainder or samples == 0:
             return None
+        if samples > self.max_samples:  # refuse before the costly strict path sees it
+            self._check_count(samples)
         # as_buffer flattens nested arrays, so a ragged batch with the right total count
         # would pass; the bracket/comma skeleton proves the exact nesting.
         skeleton = body.translate(None, _KEEP_SKELETON).strip(b",")
@@ -110,7 +114,8 @@ class InputCodec:
             single = False
         else:
             return None
-        array = flat.astype(np.float32).reshape(samples, *self.sample_shape)
+        with np.errstate(over="ignore"):
+            array = flat.astype(np.float32).reshape(samples, *self.sample_shape)
         if not np.isfinite(array).all():
             return None
         return Decoded(array, single, self._check_mc(mc_passes))
@@ -119,6 +124,10 @@ class InputCodec:
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
+            if _NON_FINITE_LITERAL.search(body) or "infinity" in str(exc).lower():
+                raise RequestError(
+                    422, "non_finite", "inputs contain NaN or Inf (not valid JSON numbers)"
+                ) from None
             raise RequestError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
         if not isinstance(document, dict):
             raise RequestError(422, "invalid_body", "body must be a JSON object with 'inputs'")
@@ -127,6 +136,7 @@ class InputCodec:
             raise RequestError(422, "unknown_field", f"unknown fields: {sorted(unknown)}")
         if "inputs" not in document:
             raise RequestError(422, "missing_inputs", "field 'inputs' is required")
+        mc_passes = self._check_mc(document.get("mc_passes"))
         raw = document["inputs"]
         if not isinstance(raw, list):
             raise RequestError(422, "invalid_type", "'inputs' must be an array of numbers")
@@ -138,7 +148,9 @@ class InputCodec:
             raise RequestError(
                 422, "invalid_shape", f"'inputs' is ragged; expected {self._shape_text()}"
             ) from None
-        if array.dtype.kind not in "iuf":
+        # No strings are allowed anywhere but in the two known keys, so a true/false literal
+        # is a boolean value; numpy would silently turn it into 1.0 / 0.0.
+        if array.dtype.kind not in "iuf" or b"true" in body or b"false" in body:
             raise RequestError(422, "invalid_type", "'inputs' must contain only numbers")
         single = array.ndim == len(self.sample_shape)
         if single:
@@ -152,7 +164,7 @@ class InputCodec:
         with np.errstate(over="ignore", invalid="ignore"):
             array = array.astype(np.float32)
         self._check_finite(array)
-        return Decoded(array, single, self._check_mc(document.get("mc_passes")))
+        return Decoded(array, single, mc_passes)
 
     # -- binary -------------------------------------------------------------------------
     def decode_binary(self, body: bytes, shape_header: str | None) -> Decoded:
