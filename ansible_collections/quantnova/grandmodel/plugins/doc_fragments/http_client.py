@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 class ModuleDocFragment:
-    # The HTTP options of modules that probe a service (built by module_utils.http.http_argument_spec).
+    # The HTTP options of modules that probe a service (built by module_utils.http_client.http_argument_spec).
     DOCUMENTATION = r"""
 options:
   timeout:
