@@ -37,8 +37,12 @@ def artifact_copy(artifacts: Path, tmp_path: Path) -> Path:
 def make_settings(artifacts: Path) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "model_dir": artifacts, "env": "development", "admin_token": ADMIN_TOKEN,
-            "warmup_iterations": 1, "color": "green", "service_version": "9.9.9",
+            "model_dir": artifacts,
+            "env": "development",
+            "admin_token": ADMIN_TOKEN,
+            "warmup_iterations": 1,
+            "color": "green",
+            "service_version": "9.9.9",
         }
         values.update(overrides)
         return Settings(**values)

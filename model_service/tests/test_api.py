@@ -33,7 +33,9 @@ def test_version_matches_the_manifests(client: TestClient, artifacts) -> None:
     for name in ("strategic", "tactical"):
         manifest = Manifest.read(artifacts / f"{name}.manifest.json")
         assert body["models"][name] == {
-            "version": "1.2.3", "sha256": manifest.sha256, "ready": True,
+            "version": "1.2.3",
+            "sha256": manifest.sha256,
+            "ready": True,
         }
 
 
@@ -44,8 +46,10 @@ def test_metrics_exposition(client: TestClient) -> None:
     client.post("/v1/models/strategic/predict", content=b"{", headers=headers)
     client.get("/no/such/path")
     text = client.get("/metrics").text
-    assert ('grandmodel_http_requests_total{method="POST",'
-            'route="/v1/models/strategic/predict",status="200"} 1.0') in text
+    assert (
+        'grandmodel_http_requests_total{method="POST",'
+        'route="/v1/models/strategic/predict",status="200"} 1.0'
+    ) in text
     assert 'route="/v1/models/strategic/predict",status="400"' in text
     assert 'route="unmatched",status="404"' in text
     assert "grandmodel_http_request_duration_seconds_bucket" in text
@@ -61,13 +65,24 @@ def test_metrics_exposition(client: TestClient) -> None:
 
 def test_openapi_documents_every_route(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/health", "/ready", "/version", "/metrics", "/admin/drain", "/admin/resume",
-                 "/v1/models/strategic/predict", "/v1/models/tactical/predict",
-                 "/api/strategic/process", "/api/tactical/process"):
+    for path in (
+        "/health",
+        "/ready",
+        "/version",
+        "/metrics",
+        "/admin/drain",
+        "/admin/resume",
+        "/v1/models/strategic/predict",
+        "/v1/models/tactical/predict",
+        "/api/strategic/process",
+        "/api/tactical/process",
+    ):
         assert path in paths, path
     predict = paths["/v1/models/strategic/predict"]["post"]
-    assert set(predict["requestBody"]["content"]) == {"application/json",
-                                                      "application/octet-stream"}
+    assert set(predict["requestBody"]["content"]) == {
+        "application/json",
+        "application/octet-stream",
+    }
     assert client.get("/docs").status_code == 200
 
 
@@ -81,8 +96,11 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
     ],
 )
 def test_predict_single_matrix(client: TestClient, path: str, shape: tuple[int, int]) -> None:
-    reply = client.post(path, content=orjson.dumps({"inputs": matrix(shape)}, option=NUMPY),
-                        headers={"content-type": "application/json"})
+    reply = client.post(
+        path,
+        content=orjson.dumps({"inputs": matrix(shape)}, option=NUMPY),
+        headers={"content-type": "application/json"},
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["actions"] == ["short", "neutral", "long"]
@@ -97,12 +115,17 @@ def test_predict_single_matrix(client: TestClient, path: str, shape: tuple[int, 
 def test_predict_batch_matches_single_requests(client: TestClient) -> None:
     x = matrix((5, 48, 13), seed=11)
     headers = {"content-type": "application/json"}
-    batch = client.post("/v1/models/strategic/predict",
-                        content=orjson.dumps({"inputs": x}, option=NUMPY), headers=headers)
+    batch = client.post(
+        "/v1/models/strategic/predict",
+        content=orjson.dumps({"inputs": x}, option=NUMPY),
+        headers=headers,
+    )
     singles = [
-        client.post("/v1/models/strategic/predict",
-                    content=orjson.dumps({"inputs": x[i]}, option=NUMPY), headers=headers)
-        .json()["predictions"][0]
+        client.post(
+            "/v1/models/strategic/predict",
+            content=orjson.dumps({"inputs": x[i]}, option=NUMPY),
+            headers=headers,
+        ).json()["predictions"][0]
         for i in range(5)
     ]
     got = batch.json()["predictions"]
@@ -115,7 +138,8 @@ def test_predict_batch_matches_single_requests(client: TestClient) -> None:
 def test_binary_batches_round_trip(client: TestClient) -> None:
     x = matrix((3, 48, 13), seed=5)
     reply = client.post(
-        "/v1/models/strategic/predict", content=x.tobytes(),
+        "/v1/models/strategic/predict",
+        content=x.tobytes(),
         headers={"content-type": "application/octet-stream", "x-shape": "3,48,13"},
     )
     assert reply.status_code == 200
@@ -124,9 +148,13 @@ def test_binary_batches_round_trip(client: TestClient) -> None:
     assert reply.headers["x-columns"].split(",")[:3] == ["p_short", "p_neutral", "p_long"]
     table = np.frombuffer(reply.content, dtype="<f4").reshape(3, 6)
     as_json = client.post(
-        "/v1/models/strategic/predict", content=x.tobytes(),
-        headers={"content-type": "application/octet-stream", "x-shape": "3,48,13",
-                 "accept": "application/json"},
+        "/v1/models/strategic/predict",
+        content=x.tobytes(),
+        headers={
+            "content-type": "application/octet-stream",
+            "x-shape": "3,48,13",
+            "accept": "application/json",
+        },
     ).json()["predictions"]
     for row, prediction in zip(table, as_json, strict=True):
         np.testing.assert_allclose(row[:3], prediction["probabilities"], atol=1e-6)
@@ -138,12 +166,20 @@ def test_binary_batches_round_trip(client: TestClient) -> None:
 def test_mc_dropout_on_request(client: TestClient) -> None:
     x = matrix((2, 48, 13), seed=9)
     headers = {"content-type": "application/json"}
-    plain = [client.post("/v1/models/strategic/predict", headers=headers,
-                         content=orjson.dumps({"inputs": x}, option=NUMPY)).json()
-             for _ in range(2)]
+    plain = [
+        client.post(
+            "/v1/models/strategic/predict",
+            headers=headers,
+            content=orjson.dumps({"inputs": x}, option=NUMPY),
+        ).json()
+        for _ in range(2)
+    ]
     assert plain[0]["predictions"] == plain[1]["predictions"]  # eval mode: deterministic
-    mc = client.post("/v1/models/strategic/predict", headers=headers,
-                     content=orjson.dumps({"inputs": x, "mc_passes": 32}, option=NUMPY)).json()
+    mc = client.post(
+        "/v1/models/strategic/predict",
+        headers=headers,
+        content=orjson.dumps({"inputs": x, "mc_passes": 32}, option=NUMPY),
+    ).json()
     for deterministic, sampled in zip(plain[0]["predictions"], mc["predictions"], strict=True):
         spread = sampled["mc_dropout"]
         assert spread["passes"] == 32
@@ -151,11 +187,15 @@ def test_mc_dropout_on_request(client: TestClient) -> None:
         assert spread["value_std"] > 0
         assert sum(spread["mean"]) == pytest.approx(1, abs=1e-5)
         assert sampled["probabilities"] == deterministic["probabilities"]
-    by_query = client.post("/v1/models/strategic/predict?mc_passes=4", headers=headers,
-                           content=orjson.dumps({"inputs": x}, option=NUMPY)).json()
+    by_query = client.post(
+        "/v1/models/strategic/predict?mc_passes=4",
+        headers=headers,
+        content=orjson.dumps({"inputs": x}, option=NUMPY),
+    ).json()
     assert by_query["predictions"][0]["mc_dropout"]["passes"] == 4
     binary = client.post(
-        "/v1/models/strategic/predict?mc_passes=8", content=x.tobytes(),
+        "/v1/models/strategic/predict?mc_passes=8",
+        content=x.tobytes(),
         headers={"content-type": "application/octet-stream", "x-shape": "2,48,13"},
     )
     assert binary.headers["x-shape"] == "2,14"
@@ -169,6 +209,7 @@ def test_golden_samples_replay_over_http(client: TestClient, artifacts) -> None:
         reply = client.post(f"/v1/models/{name}/predict", json={"inputs": inputs})
         for sample, prediction in zip(manifest.golden, reply.json()["predictions"], strict=True):
             assert prediction["action"] == sample.action
-            np.testing.assert_allclose(prediction["probabilities"], sample.probabilities,
-                                       atol=manifest.atol)
+            np.testing.assert_allclose(
+                prediction["probabilities"], sample.probabilities, atol=manifest.atol
+            )
             assert prediction["value"] == pytest.approx(sample.value, abs=manifest.atol)

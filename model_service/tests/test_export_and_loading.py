@@ -51,8 +51,21 @@ def test_export_from_state_dict(tmp_path: Path) -> None:
     model = nets.build("tactical", seed=7)
     state_path = tmp_path / "tactical.state.pt"
     torch.save(model.state_dict(), state_path)
-    assert main(["--out", str(tmp_path / "out"), "--model", "tactical",
-                 "--state-dict", f"tactical={state_path}", "--version", "2.0.0"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path / "out"),
+                "--model",
+                "tactical",
+                "--state-dict",
+                f"tactical={state_path}",
+                "--version",
+                "2.0.0",
+            ]
+        )
+        == 0
+    )
     manifest = Manifest.read(tmp_path / "out" / "tactical.manifest.json")
     assert manifest.version == "2.0.0"
     assert manifest.raw["source"] == {"state_dict": str(state_path)}
@@ -60,8 +73,9 @@ def test_export_from_state_dict(tmp_path: Path) -> None:
     x = np.ones((1, 60, 7), dtype=np.float32)
     with torch.inference_mode():
         logits, _ = model(torch.from_numpy(x))
-    np.testing.assert_allclose(loaded.predict(x).probabilities,
-                               torch.softmax(logits, -1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x).probabilities, torch.softmax(logits, -1).numpy(), atol=1e-6
+    )
 
 
 def test_tampered_artifact_is_refused(artifact_copy: Path) -> None:
@@ -125,7 +139,9 @@ def test_mc_dropout_spreads_while_plain_inference_is_deterministic(artifacts: Pa
     first, second = model.predict(x), model.predict(x)
     np.testing.assert_array_equal(first.probabilities, second.probabilities)
     mc = model.predict_mc(x, 32)
-    assert mc.mc_std is not None and mc.mc_value_std is not None and mc.mc_mean is not None
+    assert mc.mc_std is not None
+    assert mc.mc_value_std is not None
+    assert mc.mc_mean is not None
     assert (mc.mc_std > 0).all()
     assert (mc.mc_value_std > 0).all()
     np.testing.assert_allclose(mc.mc_mean.sum(axis=1), 1, atol=1e-5)

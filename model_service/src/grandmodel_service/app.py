@@ -78,23 +78,28 @@ async def _load_slot(runtime: Runtime, slot: ModelSlot) -> None:
         model = await loop.run_in_executor(
             runtime.executor,
             partial(
-                load_model, path, slot.name, atol_override=settings.golden_atol,
+                load_model,
+                path,
+                slot.name,
+                atol_override=settings.golden_atol,
                 warmup_iterations=settings.warmup_iterations,
                 warmup_batch=min(settings.batch_max_size, 256),
             ),
         )
     except ModelLoadError as exc:
         slot.failure = f"refused: {exc}"
-        log.error("model refused; service stays not ready",
-                  extra={"model": slot.name, "manifest": str(path), "reason": str(exc)})
+        log.error(
+            "model refused; service stays not ready",
+            extra={"model": slot.name, "manifest": str(path), "reason": str(exc)},
+        )
         return
     metrics = runtime.metrics
     slot.model = model
-    slot.codec = InputCodec(model.input_shape, settings.max_request_samples,
-                            settings.max_mc_passes)
+    slot.codec = InputCodec(model.input_shape, settings.max_request_samples, settings.max_mc_passes)
     errors = metrics.inference_errors.labels(slot.name)
     slot.batcher = MicroBatcher(
-        model.predict, runtime.executor,
+        model.predict,
+        runtime.executor,
         max_batch_size=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000,
         arrival_gap_s=settings.batch_arrival_gap_ms / 1000,
@@ -104,12 +109,21 @@ async def _load_slot(runtime: Runtime, slot: ModelSlot) -> None:
     slot.batcher.start()
     slot.failure = None
     metrics.model_info.labels(
-        slot.name, model.manifest.version, model.manifest.sha256, settings.service_version,
+        slot.name,
+        model.manifest.version,
+        model.manifest.sha256,
+        settings.service_version,
         settings.color,
     ).set(1)
-    log.info("model loaded, verified and warmed up", extra={
-        "model": slot.name, "version": model.manifest.version, "sha256": model.manifest.sha256,
-        "seconds": round(time.perf_counter() - started, 3)})
+    log.info(
+        "model loaded, verified and warmed up",
+        extra={
+            "model": slot.name,
+            "version": model.manifest.version,
+            "sha256": model.manifest.sha256,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -123,16 +137,22 @@ def create_app(settings: Settings) -> FastAPI:
         _configure_torch(settings)
         runtime.idle = asyncio.Event()
         runtime.idle.set()
-        runtime.executor = ThreadPoolExecutor(settings.inference_workers,
-                                              thread_name_prefix="inference")
+        runtime.executor = ThreadPoolExecutor(
+            settings.inference_workers, thread_name_prefix="inference"
+        )
         for slot in runtime.slots.values():
             await _load_slot(runtime, slot)
         runtime.started = True
         runtime.refresh_ready_gauge()
-        log.info("service started", extra={
-            "color": settings.color, "env": settings.env.value,
-            "service_version": settings.service_version,
-            "not_ready": runtime.not_ready_reasons() or None})
+        log.info(
+            "service started",
+            extra={
+                "color": settings.color,
+                "env": settings.env.value,
+                "service_version": settings.service_version,
+                "not_ready": runtime.not_ready_reasons() or None,
+            },
+        )
         try:
             yield
         finally:
@@ -164,8 +184,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def health() -> Response:
         return _json(200, {"status": "alive"})
 
-    @app.get("/ready", tags=["probes"], summary="Models loaded, verified, warmed; not draining",
-             responses={503: {"description": "Not ready, with the reasons"}})
+    @app.get(
+        "/ready",
+        tags=["probes"],
+        summary="Models loaded, verified, warmed; not draining",
+        responses={503: {"description": "Not ready, with the reasons"}},
+    )
     async def ready() -> Response:
         reasons = runtime.not_ready_reasons()
         if reasons:
@@ -182,9 +206,16 @@ def create_app(settings: Settings) -> FastAPI:
                 "sha256": manifest.sha256 if manifest else None,
                 "ready": slot.model is not None,
             }
-        return _json(200, {"service_version": settings.service_version, "color": settings.color,
-                           "env": settings.env.value, "package_version": __version__,
-                           "models": models})
+        return _json(
+            200,
+            {
+                "service_version": settings.service_version,
+                "color": settings.color,
+                "env": settings.env.value,
+                "package_version": __version__,
+                "models": models,
+            },
+        )
 
     @app.get("/metrics", tags=["probes"], summary="Prometheus exposition")
     async def prometheus() -> Response:
@@ -196,17 +227,29 @@ def create_app(settings: Settings) -> FastAPI:
             "required": True,
             "content": {
                 JSON_MEDIA: {"schema": PredictRequest.model_json_schema()},
-                BINARY_MEDIA: {"schema": {
-                    "type": "string", "format": "binary",
-                    "description": "little-endian float32, C order; X-Shape header B,bars,features",
-                }},
+                BINARY_MEDIA: {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "float32 little-endian, C order; X-Shape: B,bars,features",
+                    }
+                },
             },
         },
         "parameters": [
-            {"name": "mc_passes", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 0, "maximum": settings.max_mc_passes}},
-            {"name": "X-Shape", "in": "header", "required": False,
-             "schema": {"type": "string"}, "description": "binary bodies: B,bars,features"},
+            {
+                "name": "mc_passes",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 0, "maximum": settings.max_mc_passes},
+            },
+            {
+                "name": "X-Shape",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "binary bodies: B,bars,features",
+            },
         ],
     }
     error_docs: dict[int | str, dict[str, Any]] = {
@@ -219,21 +262,34 @@ def create_app(settings: Settings) -> FastAPI:
     doc_routes: list[APIRoute] = []
     for index, (name, slot) in enumerate(runtime.slots.items()):
         endpoint = PredictEndpoint(slot, runtime)
-        for position, (path, summary) in enumerate((
-            (f"/v1/models/{name}/predict", f"Predict with the {name} actor"),
-            (f"/api/{name}/process", f"Alias of /v1/models/{name}/predict"),
-        )):
-            app.router.routes.insert(2 * index + position,
-                                     _LabelledRoute(path, endpoint, methods=["POST"]))
-            doc_routes.append(APIRoute(
-                path, predict_doc_endpoint, methods=["POST"], response_model=PredictResponse,
-                responses=error_docs, openapi_extra=body_doc, tags=["predict"], summary=summary,
-            ))
+        for position, (path, summary) in enumerate(
+            (
+                (f"/v1/models/{name}/predict", f"Predict with the {name} actor"),
+                (f"/api/{name}/process", f"Alias of /v1/models/{name}/predict"),
+            )
+        ):
+            app.router.routes.insert(
+                2 * index + position, _LabelledRoute(path, endpoint, methods=["POST"])
+            )
+            doc_routes.append(
+                APIRoute(
+                    path,
+                    predict_doc_endpoint,
+                    methods=["POST"],
+                    response_model=PredictResponse,
+                    responses=error_docs,
+                    openapi_extra=body_doc,
+                    tags=["predict"],
+                    summary=summary,
+                )
+            )
 
     def openapi_with_predict_routes() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = get_openapi(
-                title=app.title, version=app.version, description=app.description,
+                title=app.title,
+                version=app.version,
+                description=app.description,
                 routes=[*doc_routes, *app.routes],
             )
         return app.openapi_schema
@@ -253,15 +309,23 @@ def create_app(settings: Settings) -> FastAPI:
             raise RequestError(401, "unauthorized", "missing or wrong bearer token")
 
     def admin_status() -> dict[str, Any]:
-        return {"draining": runtime.draining, "in_flight": runtime.in_flight,
-                "drained": runtime.draining and runtime.in_flight == 0}
+        return {
+            "draining": runtime.draining,
+            "in_flight": runtime.in_flight,
+            "drained": runtime.draining and runtime.in_flight == 0,
+        }
 
     admin_docs: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse} for code in (401, 403)
     }
 
-    @app.post("/admin/drain", tags=["admin"], response_model=DrainResponse, responses=admin_docs,
-              summary="Stop accepting predictions; /ready answers 503; finish in-flight work")
+    @app.post(
+        "/admin/drain",
+        tags=["admin"],
+        response_model=DrainResponse,
+        responses=admin_docs,
+        summary="Stop accepting predictions; /ready answers 503; finish in-flight work",
+    )
     async def drain(request: Request, wait: bool = True) -> Response:
         authorize(request)
         if not runtime.draining:
@@ -272,12 +336,19 @@ def create_app(settings: Settings) -> FastAPI:
             try:
                 await asyncio.wait_for(runtime.idle.wait(), settings.drain_timeout_s)
             except TimeoutError:
-                log.warning("drain timed out with requests in flight",
-                            extra={"in_flight": runtime.in_flight})
+                log.warning(
+                    "drain timed out with requests in flight",
+                    extra={"in_flight": runtime.in_flight},
+                )
         return _json(200, admin_status())
 
-    @app.post("/admin/resume", tags=["admin"], response_model=DrainResponse,
-              responses=admin_docs, summary="Undo a drain: accept predictions again")
+    @app.post(
+        "/admin/resume",
+        tags=["admin"],
+        response_model=DrainResponse,
+        responses=admin_docs,
+        summary="Undo a drain: accept predictions again",
+    )
     async def resume(request: Request) -> Response:
         authorize(request)
         if runtime.draining:
@@ -286,9 +357,15 @@ def create_app(settings: Settings) -> FastAPI:
         runtime.refresh_ready_gauge()
         return _json(200, admin_status())
 
-    app.add_api_route("/admin/undrain", resume, methods=["POST"], tags=["admin"],
-                      response_model=DrainResponse, responses=admin_docs,
-                      summary="Alias of /admin/resume")
+    app.add_api_route(
+        "/admin/undrain",
+        resume,
+        methods=["POST"],
+        tags=["admin"],
+        response_model=DrainResponse,
+        responses=admin_docs,
+        summary="Alias of /admin/resume",
+    )
 
     @app.get("/admin/status", tags=["admin"], response_model=DrainResponse, responses=admin_docs)
     async def status(request: Request) -> Response:

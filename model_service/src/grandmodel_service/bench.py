@@ -75,8 +75,9 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
 
 
 @contextlib.contextmanager
-def _process(args: list[str], env: dict[str, str] | None = None,
-             log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def _process(
+    args: list[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=sink, stderr=sink)
     try:
@@ -121,22 +122,51 @@ class Bench:
         json_headers = {"content-type": "application/json"}
         self.request("get_health", build_request("GET", "/health"))
         self.request("get_root", build_request("GET", "/"))
-        self.request("single_json", build_request(
-            "POST", PREDICT, orjson.dumps({"inputs": one}, option=dumps), json_headers))
-        self.request("batch_json", build_request(
-            "POST", PREDICT, orjson.dumps({"inputs": batch}, option=dumps), json_headers))
+        self.request(
+            "single_json",
+            build_request(
+                "POST", PREDICT, orjson.dumps({"inputs": one}, option=dumps), json_headers
+            ),
+        )
+        self.request(
+            "batch_json",
+            build_request(
+                "POST", PREDICT, orjson.dumps({"inputs": batch}, option=dumps), json_headers
+            ),
+        )
         for name, array in (("batch_binary", batch), ("batch_binary_1024", big)):
-            self.request(name, build_request("POST", PREDICT, array.tobytes(), {
-                "content-type": "application/octet-stream", "accept": "application/octet-stream",
-                "x-shape": ",".join(map(str, array.shape))}))
+            self.request(
+                name,
+                build_request(
+                    "POST",
+                    PREDICT,
+                    array.tobytes(),
+                    {
+                        "content-type": "application/octet-stream",
+                        "accept": "application/octet-stream",
+                        "x-shape": ",".join(map(str, array.shape)),
+                    },
+                ),
+            )
 
     # -- load ---------------------------------------------------------------------------
-    def load(self, port: int, request: str, *, concurrency: int = 1, rate: float = 0,
-             samples: int = 1, duration: float | None = None) -> dict[str, Any]:
+    def load(
+        self,
+        port: int,
+        request: str,
+        *,
+        concurrency: int = 1,
+        rate: float = 0,
+        samples: int = 1,
+        duration: float | None = None,
+    ) -> dict[str, Any]:
         spec = {
-            "port": port, "request_file": str(self._requests[request]),
-            "concurrency": concurrency if not rate else max(concurrency, 64), "rate": rate,
-            "duration": duration or self.duration, "warmup": self.warmup,
+            "port": port,
+            "request_file": str(self._requests[request]),
+            "concurrency": concurrency if not rate else max(concurrency, 64),
+            "rate": rate,
+            "duration": duration or self.duration,
+            "warmup": self.warmup,
             "samples_per_request": samples,
         }
         spec_path = self.workdir / "spec.json"
@@ -156,8 +186,11 @@ class Bench:
         bad = {k: v for k, v in result.get("statuses", {}).items() if k != "200"}
         note = f" non-200={bad}" if bad else ""
         note += f" errors={result['errors']}" if result.get("errors") else ""
-        print(f"  measured {scenario:<28} {server:<10} {result.get('rps', 0):>10.0f} req/s"
-              f"{note}", file=sys.stderr, flush=True)
+        print(
+            f"  measured {scenario:<28} {server:<10} {result.get('rps', 0):>10.0f} req/s{note}",
+            file=sys.stderr,
+            flush=True,
+        )
         return result
 
     # -- phases -------------------------------------------------------------------------
@@ -199,9 +232,12 @@ class Bench:
         self.build_requests(spec_shape)
         figures: dict[str, Any] = {
             "machine": {
-                "cpus": os.cpu_count(), "server_cpu": self.server_cpu,
-                "client_cpu": self.client_cpu, "python": platform.python_version(),
-                "torch": torch.__version__, "duration_s": self.duration,
+                "cpus": os.cpu_count(),
+                "server_cpu": self.server_cpu,
+                "client_cpu": self.client_cpu,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "duration_s": self.duration,
             }
         }
         print("in-process model throughput ...", file=sys.stderr, flush=True)
@@ -212,79 +248,117 @@ class Bench:
         print("load generator ceiling (sink server) ...", file=sys.stderr, flush=True)
         port = _free_port()
         ceiling: dict[str, Any] = {}
-        with _process(self.server_args("grandmodel_service.loadgen", "--sink", str(port),
-                                       *cpu_args), log=self.log) as proc:
+        with _process(
+            self.server_args("grandmodel_service.loadgen", "--sink", str(port), *cpu_args),
+            log=self.log,
+        ) as proc:
             _wait_port(port, proc)
             for key, request, conc, samples in (
-                ("get", "get_health", 16, 1), ("single_json", "single_json", 16, 1),
-                ("batch_json", "batch_json", 4, 256), ("batch_binary", "batch_binary", 4, 256),
+                ("get", "get_health", 16, 1),
+                ("single_json", "single_json", 16, 1),
+                ("batch_json", "batch_json", 4, 256),
+                ("batch_binary", "batch_binary", 4, 256),
             ):
-                ceiling[key] = self.record(f"ceiling {key}", "sink",
-                                           self.load(port, request, concurrency=conc,
-                                                     samples=samples))
+                ceiling[key] = self.record(
+                    f"ceiling {key}",
+                    "sink",
+                    self.load(port, request, concurrency=conc, samples=samples),
+                )
         figures["generator_ceiling"] = ceiling
 
         print("service under test ...", file=sys.stderr, flush=True)
         port = _free_port()
         env = {
-            "GRANDMODEL_MODEL_DIR": str(artifacts), "GRANDMODEL_PORT": str(port),
-            "GRANDMODEL_ENV": "development", "GRANDMODEL_LOG_LEVEL": "WARNING",
+            "GRANDMODEL_MODEL_DIR": str(artifacts),
+            "GRANDMODEL_PORT": str(port),
+            "GRANDMODEL_ENV": "development",
+            "GRANDMODEL_LOG_LEVEL": "WARNING",
         }
         if self.server_cpu is not None:
             env["GRANDMODEL_CPU_AFFINITY"] = str(self.server_cpu)
         served: dict[str, Any] = {}
         with _process(self.server_args("grandmodel_service.server"), env, self.log) as proc:
             _wait_http(port, "/ready", proc)
-            served["health_c16"] = self.record("trivial GET /health c16", "service",
-                                               self.load(port, "get_health", concurrency=16))
+            served["health_c16"] = self.record(
+                "trivial GET /health c16", "service", self.load(port, "get_health", concurrency=16)
+            )
             served["json_batch256_c4"] = self.record(
-                "JSON batch 256 c4", "service",
-                self.load(port, "batch_json", concurrency=4, samples=256))
+                "JSON batch 256 c4",
+                "service",
+                self.load(port, "batch_json", concurrency=4, samples=256),
+            )
             served["binary_batch256_c4"] = self.record(
-                "binary batch 256 c4", "service",
-                self.load(port, "batch_binary", concurrency=4, samples=256))
+                "binary batch 256 c4",
+                "service",
+                self.load(port, "batch_binary", concurrency=4, samples=256),
+            )
             served["binary_batch1024_c4"] = self.record(
-                "binary batch 1024 c4", "service",
-                self.load(port, "batch_binary_1024", concurrency=4, samples=1024))
+                "binary batch 1024 c4",
+                "service",
+                self.load(port, "batch_binary_1024", concurrency=4, samples=1024),
+            )
             for conc in (1, 4, 16):
                 served[f"single_c{conc}"] = self.record(
-                    f"single JSON c{conc}", "service",
-                    self.load(port, "single_json", concurrency=conc))
+                    f"single JSON c{conc}",
+                    "service",
+                    self.load(port, "single_json", concurrency=conc),
+                )
             served["open_loop_1000"] = self.record(
-                "single JSON open 1000/s", "service",
-                self.load(port, "single_json", rate=1000, duration=max(self.duration, 5)))
+                "single JSON open 1000/s",
+                "service",
+                self.load(port, "single_json", rate=1000, duration=max(self.duration, 5)),
+            )
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
                 served["metrics_excerpt"] = _batch_metrics(reply.read().decode())
         figures["served"] = served
 
         print("bare FastAPI trivial route ...", file=sys.stderr, flush=True)
         port = _free_port()
-        with _process(self.server_args("grandmodel_service.baseline", "--trivial", "--port",
-                                       str(port), *cpu_args), log=self.log) as proc:
+        with _process(
+            self.server_args(
+                "grandmodel_service.baseline", "--trivial", "--port", str(port), *cpu_args
+            ),
+            log=self.log,
+        ) as proc:
             _wait_http(port, "/", proc)
             figures["framework_ceiling"] = {
                 "fastapi_trivial_c16": self.record(
-                    "trivial GET / c16", "bare-app", self.load(port, "get_root", concurrency=16)),
+                    "trivial GET / c16", "bare-app", self.load(port, "get_root", concurrency=16)
+                ),
                 "service_health_c16": served["health_c16"],
             }
 
         print("naive baseline ...", file=sys.stderr, flush=True)
         port = _free_port()
         naive: dict[str, Any] = {}
-        with _process(self.server_args("grandmodel_service.baseline", "--manifest",
-                                       str(manifest), "--port", str(port), *cpu_args),
-                      log=self.log) as proc:
+        with _process(
+            self.server_args(
+                "grandmodel_service.baseline",
+                "--manifest",
+                str(manifest),
+                "--port",
+                str(port),
+                *cpu_args,
+            ),
+            log=self.log,
+        ) as proc:
             _wait_port(port, proc)
             naive["json_batch256_c4"] = self.record(
-                "JSON batch 256 c4", "naive",
-                self.load(port, "batch_json", concurrency=4, samples=256))
+                "JSON batch 256 c4",
+                "naive",
+                self.load(port, "batch_json", concurrency=4, samples=256),
+            )
             for conc in (1, 4, 16):
                 naive[f"single_c{conc}"] = self.record(
-                    f"single JSON c{conc}", "naive",
-                    self.load(port, "single_json", concurrency=conc))
+                    f"single JSON c{conc}",
+                    "naive",
+                    self.load(port, "single_json", concurrency=conc),
+                )
             naive["open_loop_1000"] = self.record(
-                "single JSON open 1000/s", "naive",
-                self.load(port, "single_json", rate=1000, duration=max(self.duration, 5)))
+                "single JSON open 1000/s",
+                "naive",
+                self.load(port, "single_json", rate=1000, duration=max(self.duration, 5)),
+            )
         figures["naive"] = naive
         figures["targets"] = _targets(figures)
         return figures
@@ -307,13 +381,17 @@ def _batch_metrics(text: str) -> dict[str, float]:
 
 def _targets(f: dict[str, Any]) -> dict[str, Any]:
     served, naive = f["served"], f["naive"]
-    trivial = max(f["framework_ceiling"]["fastapi_trivial_c16"]["rps"],
-                  f["framework_ceiling"]["service_health_c16"]["rps"])
+    trivial = max(
+        f["framework_ceiling"]["fastapi_trivial_c16"]["rps"],
+        f["framework_ceiling"]["service_health_c16"]["rps"],
+    )
     single16 = served["single_c16"]["rps"]
     values = {
         "json_batch_samples_per_s": served["json_batch256_c4"]["samples_per_s"],
-        "binary_batch_samples_per_s": max(served["binary_batch256_c4"]["samples_per_s"],
-                                          served["binary_batch1024_c4"]["samples_per_s"]),
+        "binary_batch_samples_per_s": max(
+            served["binary_batch256_c4"]["samples_per_s"],
+            served["binary_batch1024_c4"]["samples_per_s"],
+        ),
         "single_c16_vs_naive": round(single16 / max(naive["single_c16"]["rps"], 1e-9), 2),
         "single_c16_vs_trivial_ceiling": round(single16 / max(trivial, 1e-9), 3),
         "open_loop_1000_p99_ms": served["open_loop_1000"]["p99_ms"],
@@ -333,11 +411,17 @@ def _table(f: dict[str, Any]) -> str:
         "-" * 90,
     ]
     for name, figure in f["inprocess"].items():
-        lines.append(f"{'in-process ' + name:<30}{'torch':<10}{'':>10}"
-                     f"{figure['samples_per_s']:>12,.0f}{'':>9}{'':>9}  "
-                     f"{figure['us_per_call']} us/call")
-    sections = (("generator_ceiling", "sink"), ("served", "service"),
-                ("framework_ceiling", "trivial"), ("naive", "naive"))
+        lines.append(
+            f"{'in-process ' + name:<30}{'torch':<10}{'':>10}"
+            f"{figure['samples_per_s']:>12,.0f}{'':>9}{'':>9}  "
+            f"{figure['us_per_call']} us/call"
+        )
+    sections = (
+        ("generator_ceiling", "sink"),
+        ("served", "service"),
+        ("framework_ceiling", "trivial"),
+        ("naive", "naive"),
+    )
     for section, label in sections:
         for name, r in f[section].items():
             if not isinstance(r, dict) or "rps" not in r:
@@ -345,20 +429,24 @@ def _table(f: dict[str, Any]) -> str:
             if section == "framework_ceiling" and name == "service_health_c16":
                 continue
             bad = {k: v for k, v in r["statuses"].items() if k != "200"}
-            note = (f"non-200 {bad} " if bad else "") + (f"errors {r['errors']}"
-                                                         if r["errors"] else "")
-            lines.append(f"{name:<30}{label:<10}{r['rps']:>10,.0f}{r['samples_per_s']:>12,.0f}"
-                         f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}  {note}")
+            note = (f"non-200 {bad} " if bad else "") + (
+                f"errors {r['errors']}" if r["errors"] else ""
+            )
+            lines.append(
+                f"{name:<30}{label:<10}{r['rps']:>10,.0f}{r['samples_per_s']:>12,.0f}"
+                f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}  {note}"
+            )
     lines.append("-" * 90)
     for key, t in f["targets"].items():
-        lines.append(f"target {key:<36} value {t['value']:<12} goal {t['target']:<8} "
-                     f"{'MET' if t['met'] else 'MISSED'}")
+        lines.append(
+            f"target {key:<36} value {t['value']:<12} goal {t['target']:<8} "
+            f"{'MET' if t['met'] else 'MISSED'}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grandmodel_service.bench",
-                                     description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m grandmodel_service.bench", description=__doc__)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
     args = parser.parse_args(argv)
@@ -366,8 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="grandmodel-bench-") as tmp:
         bench = Bench(Path(tmp), args.duration, args.warmup)
         if bench.server_cpu is None:
-            print("fewer than 2 CPUs available: server and generator are NOT pinned apart",
-                  file=sys.stderr)
+            print(
+                "fewer than 2 CPUs available: server and generator are NOT pinned apart",
+                file=sys.stderr,
+            )
         try:
             figures = bench.run()
         except Exception:

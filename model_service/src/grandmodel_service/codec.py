@@ -23,9 +23,14 @@ from grandmodel_service.engine import BatchOutput
 JSON_FIELDS = frozenset({"inputs", "mc_passes"})
 BINARY_COLUMNS = ("p_short", "p_neutral", "p_long", "action", "confidence", "value")
 MC_COLUMNS = (
-    "mc_mean_short", "mc_mean_neutral", "mc_mean_long",
-    "mc_std_short", "mc_std_neutral", "mc_std_long",
-    "mc_value_mean", "mc_value_std",
+    "mc_mean_short",
+    "mc_mean_neutral",
+    "mc_mean_long",
+    "mc_std_short",
+    "mc_std_neutral",
+    "mc_std_long",
+    "mc_value_mean",
+    "mc_value_std",
 )
 _KEEP_SKELETON = bytes(c for c in range(256) if c not in b"[],")
 _ORJSON_NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -157,7 +162,8 @@ class InputCodec:
             array = array[np.newaxis]
         if array.shape[1:] != self.sample_shape or array.ndim != len(self.sample_shape) + 1:
             raise RequestError(
-                422, "invalid_shape",
+                422,
+                "invalid_shape",
                 f"'inputs' has shape {list(np.shape(raw))}; expected {self._shape_text()}",
             )
         self._check_count(array.shape[0])
@@ -190,7 +196,8 @@ class InputCodec:
         self._check_count(dims[0])
         if len(body) != dims[0] * sample_bytes:
             raise RequestError(
-                400, "body_size_mismatch",
+                400,
+                "body_size_mismatch",
                 f"body has {len(body)} bytes; X-Shape {shape_header} "
                 f"needs {dims[0] * sample_bytes}",
             )
@@ -221,7 +228,8 @@ class InputCodec:
             return None
         if type(value) is not int or not 0 <= value <= self.max_mc_passes:
             raise RequestError(
-                422, "invalid_mc_passes",
+                422,
+                "invalid_mc_passes",
                 f"mc_passes must be an integer in [0, {self.max_mc_passes}]",
             )
         return value
@@ -258,7 +266,11 @@ def encode_json(model: str, version: str, actions: tuple[str, ...], out: BatchOu
         assert out.mc_value_mean is not None
         assert out.mc_value_std is not None
         for prediction, mean, std, value_mean, value_std in zip(
-            predictions, out.mc_mean, out.mc_std, out.mc_value_mean, out.mc_value_std,
+            predictions,
+            out.mc_mean,
+            out.mc_std,
+            out.mc_value_mean,
+            out.mc_value_std,
             strict=True,
         ):
             prediction["mc_dropout"] = {

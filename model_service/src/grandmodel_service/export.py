@@ -93,8 +93,15 @@ def export_model(
     }
     manifest_path = out_dir / f"{name}.manifest.json"
     write_json(manifest_path, manifest)
-    log.info("exported model", extra={"model": name, "version": version,
-                                      "artifact": str(artifact), "sha256": manifest["sha256"]})
+    log.info(
+        "exported model",
+        extra={
+            "model": name,
+            "version": version,
+            "artifact": str(artifact),
+            "sha256": manifest["sha256"],
+        },
+    )
     return manifest_path
 
 
@@ -111,21 +118,36 @@ def _parse_state_dicts(items: list[str]) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grandmodel-export", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder")
-    parser.add_argument("--model", action="append", choices=sorted(nets.SPECS),
-                        help="model to export (repeatable; default: all)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        choices=sorted(nets.SPECS),
+        help="model to export (repeatable; default: all)",
+    )
     parser.add_argument("--version", default="1.0.0", help="model version for the manifest")
     parser.add_argument("--seed", type=int, default=0, help="init seed when no state_dict")
-    parser.add_argument("--state-dict", action="append", default=[], metavar="NAME=PATH",
-                        help="torch.save()d state_dict for a model (repeatable)")
+    parser.add_argument(
+        "--state-dict",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="torch.save()d state_dict for a model (repeatable)",
+    )
     parser.add_argument("--golden", type=int, default=4, help="golden samples per model")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="golden tolerance")
     args = parser.parse_args(argv)
     configure_logging("INFO")
     state_dicts = _parse_state_dicts(args.state_dict)
     for name in args.model or sorted(nets.SPECS):
-        path = export_model(name, args.out, version=args.version, seed=args.seed,
-                            state_dict_path=state_dicts.get(name), golden_count=args.golden,
-                            atol=args.atol)
+        path = export_model(
+            name,
+            args.out,
+            version=args.version,
+            seed=args.seed,
+            state_dict_path=state_dicts.get(name),
+            golden_count=args.golden,
+            atol=args.atol,
+        )
         print(path)
     return 0
 

@@ -25,8 +25,13 @@ import numpy as np
 import orjson
 
 
-def build_request(method: str, path: str, body: bytes = b"",
-                  headers: dict[str, str] | None = None, host: str = "127.0.0.1") -> bytes:
+def build_request(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"host: {host}"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     if body or method in ("POST", "PUT"):

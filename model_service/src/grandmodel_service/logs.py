@@ -10,7 +10,9 @@ from typing import Any
 import orjson
 
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {
-    "message", "asctime", "color_message"
+    "message",
+    "asctime",
+    "color_message",
 }
 
 

@@ -17,7 +17,20 @@ from prometheus_client.platform_collector import PlatformCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
@@ -31,44 +44,70 @@ class Metrics:
         ns = namespace
         r = self.registry
         self.requests = Counter(
-            "http_requests_total", "HTTP requests by route, method and status",
-            ["route", "method", "status"], namespace=ns, registry=r,
+            "http_requests_total",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            namespace=ns,
+            registry=r,
         )
         self.request_duration = Histogram(
-            "http_request_duration_seconds", "HTTP request latency by route",
-            ["route", "method"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route", "method"],
+            namespace=ns,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
         )
         self.inflight = Gauge(
-            "http_requests_in_flight", "Predict requests being processed", namespace=ns,
+            "http_requests_in_flight",
+            "Predict requests being processed",
+            namespace=ns,
             registry=r,
         )
         self.batch_size = Histogram(
-            "inference_batch_size", "Samples per forward pass", ["model"],
-            namespace=ns, registry=r, buckets=BATCH_BUCKETS,
+            "inference_batch_size",
+            "Samples per forward pass",
+            ["model"],
+            namespace=ns,
+            registry=r,
+            buckets=BATCH_BUCKETS,
         )
         self.inference_duration = Histogram(
-            "inference_duration_seconds", "Forward pass latency", ["model"],
-            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+            "inference_duration_seconds",
+            "Forward pass latency",
+            ["model"],
+            namespace=ns,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
         )
         self.samples = Counter(
             "inference_samples_total", "Samples predicted", ["model"], namespace=ns, registry=r
         )
         self.inference_errors = Counter(
-            "inference_errors_total", "Forward passes that raised", ["model"],
-            namespace=ns, registry=r,
+            "inference_errors_total",
+            "Forward passes that raised",
+            ["model"],
+            namespace=ns,
+            registry=r,
         )
         self.rejected = Counter(
-            "rejected_requests_total", "Requests refused before inference, by reason",
-            ["reason"], namespace=ns, registry=r,
+            "rejected_requests_total",
+            "Requests refused before inference, by reason",
+            ["reason"],
+            namespace=ns,
+            registry=r,
         )
         self.model_info = Gauge(
-            "model_info", "Loaded model artifacts (value 1)",
+            "model_info",
+            "Loaded model artifacts (value 1)",
             ["model", "version", "sha256", "service_version", "color"],
-            namespace=ns, registry=r,
+            namespace=ns,
+            registry=r,
         )
         self.ready = Gauge("ready", "1 when /ready answers 200", namespace=ns, registry=r)
-        self.draining = Gauge("draining", "1 while drained by an operator", namespace=ns,
-                              registry=r)
+        self.draining = Gauge(
+            "draining", "1 while drained by an operator", namespace=ns, registry=r
+        )
 
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(size)

@@ -59,7 +59,8 @@ class PredictEndpoint:
         is_binary = media in BINARY_TYPES
         if not is_binary and media not in JSON_TYPES:
             raise RequestError(
-                415, "unsupported_media_type",
+                415,
+                "unsupported_media_type",
                 "Content-Type must be application/json or application/octet-stream, "
                 f"got {media.decode('latin-1') or 'none'!r}",
             )
@@ -85,8 +86,9 @@ class PredictEndpoint:
             headers = [(b"content-type", BINARY_MEDIA)]
             headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         else:
-            content = encode_json(model.name, model.manifest.version, model.manifest.actions,
-                                  output)
+            content = encode_json(
+                model.name, model.manifest.version, model.manifest.actions, output
+            )
             headers = [(b"content-type", JSON_MEDIA)]
         headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -50,7 +50,6 @@ class Runtime:
         self.metrics.ready.set(0 if self.not_ready_reasons() else 1)
         self.metrics.draining.set(1 if self.draining else 0)
 
-
     def request_started(self) -> None:
         self.in_flight += 1
         self.metrics.inflight.inc()

@@ -72,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         backlog=settings.backlog,
         server_header=False,
     )
-    log.info("starting", extra={"host": settings.host, "port": settings.port,
-                                "color": settings.color, "env": settings.env.value})
+    log.info(
+        "starting",
+        extra={
+            "host": settings.host,
+            "port": settings.port,
+            "color": settings.color,
+            "env": settings.env.value,
+        },
+    )
     uvicorn.Server(config).run()
     return 0
 

@@ -13,8 +13,20 @@ from grandmodel_service import __version__
 
 #: Tokens that ship in examples and tutorials; never acceptable outside development.
 KNOWN_DEFAULT_TOKENS = frozenset(
-    {"", "admin", "changeme", "change-me", "default", "password", "secret", "token", "test",
-     "grandmodel", "please-change-me", "dev-token"}
+    {
+        "",
+        "admin",
+        "changeme",
+        "change-me",
+        "default",
+        "password",
+        "secret",
+        "token",
+        "test",
+        "grandmodel",
+        "please-change-me",
+        "dev-token",
+    }
 )
 MIN_TOKEN_LENGTH = 16
 
