@@ -238,6 +238,8 @@ class Bench:
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "duration_s": self.duration,
+                # Other work on the machine skews every figure; say how busy it was.
+                "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
             }
         }
         print("in-process model throughput ...", file=sys.stderr, flush=True)
@@ -465,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmark failed; server log tail:\n{log}", file=sys.stderr)
             raise
     figures["machine"]["bench_seconds"] = round(time.monotonic() - started, 1)
+    figures["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     print(_table(figures))
     print(orjson.dumps(figures).decode())
     return 0
