@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Bounded load through the GrandModel front door, logging every request's status and colour.
+
+Used by the rollout scenario (molecule/rollout) and the release benchmark (scripts/bench_rollout.py).
+Half the workers keep one HTTP/1.1 connection open (keep-alive clients), half open a new
+connection per request. Every request is a real single-sample prediction; the colour that served
+it comes from the `X-Served-By` header nginx adds (the upstream port names the colour).
+
+Traffic goes only to the address given, which must be loopback or a test host of this run, and
+stops after --seconds or --max-requests, whichever comes first.
+
+  scripts/frontdoor_load.py --port 28080 --seconds 10 --rate 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREDICT_PATH = "/v1/models/strategic/predict"
+DEFAULT_COLOR_PORTS = {8001: "blue", 8002: "green"}
+
+
+def sample_body(bars: int = 48, features: int = 13) -> bytes:
+    rows = [[round(((r * features + c) % 17) / 17.0 - 0.5, 4) for c in range(features)] for r in range(bars)]
+    return json.dumps({"inputs": rows}).encode()
+
+
+@dataclass
+class Request:
+    started: float
+    seconds: float
+    status: int
+    color: str
+    keepalive: bool
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+@dataclass
+class Report:
+    requests: list[Request] = field(default_factory=list)
+
+    def add(self, req: Request) -> None:
+        self.requests.append(req)
+
+    @property
+    def total(self) -> int:
+        return len(self.requests)
+
+    @property
+    def failed(self) -> list[Request]:
+        return [r for r in self.requests if not r.ok]
+
+    def colors(self) -> list[str]:
+        """Colours in the order they served, collapsed: e.g. ['blue', 'green']."""
+        seq: list[str] = []
+        for r in sorted(self.requests, key=lambda x: x.started):
+            if r.ok and (not seq or seq[-1] != r.color):
+                seq.append(r.color)
+        return seq
+
+    def summary(self) -> dict[str, object]:
+        lat = sorted(r.seconds for r in self.requests if r.ok)
+        by_status: dict[str, int] = {}
+        by_color: dict[str, int] = {}
+        for r in self.requests:
+            key = str(r.status) if r.status else f"error:{r.error.split(':')[0]}"
+            by_status[key] = by_status.get(key, 0) + 1
+            if r.ok:
+                by_color[r.color] = by_color.get(r.color, 0) + 1
+        return {
+            "requests": self.total,
+            "failed": len(self.failed),
+            "failed_keepalive": sum(1 for r in self.failed if r.keepalive),
+            "failed_new_connection": sum(1 for r in self.failed if not r.keepalive),
+            "by_status": by_status,
+            "by_color": by_color,
+            "color_sequence": self.colors(),
+            "latency_ms_p50": round(statistics.median(lat) * 1000, 2) if lat else None,
+            "latency_ms_p99": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2) if lat else None,
+            "latency_ms_max": round(lat[-1] * 1000, 2) if lat else None,
+            "first_failures": [
+                {"t": round(r.started, 3), "status": r.status, "error": r.error} for r in self.failed[:5]
+            ],
+        }
+
+    def first_seen(self, color: str) -> float | None:
+        times = [r.started + r.seconds for r in self.requests if r.ok and r.color == color]
+        return min(times) if times else None
+
+
+def check_target(host: str) -> None:
+    try:
+        addr = ipaddress.ip_address(socket.gethostbyname(host))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot resolve load target {host!r}: {exc}") from exc
+    if not (addr.is_loopback or addr.is_private):
+        raise SystemExit(f"refusing to send load to {addr}: only loopback or this run's test hosts")
+
+
+class LoadGenerator:
+    """Paced workers sending predictions until stopped or bounded out."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 28080, rate: float = 100.0,
+                 workers: int = 8, seconds: float = 120.0, max_requests: int = 100_000,
+                 color_ports: dict[int, str] | None = None, timeout: float = 10.0) -> None:
+        check_target(host)
+        self.host, self.port, self.timeout = host, port, timeout
+        self.interval = workers / rate
+        self.workers = workers
+        self.deadline = time.monotonic() + seconds
+        self.max_requests = max_requests
+        self.color_ports = color_ports or DEFAULT_COLOR_PORTS
+        self.body = sample_body()
+        self.report = Report()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sent = 0
+
+    def _color(self, served_by: str | None) -> str:
+        if not served_by:
+            return "unknown"
+        # nginx may list several upstreams tried ("a:8001, b:8002"): the last one answered.
+        last = served_by.split(",")[-1].strip()
+        try:
+            return self.color_ports.get(int(last.rsplit(":", 1)[1]), last)
+        except (IndexError, ValueError):
+            return last
+
+    def _one(self, conn: http.client.HTTPConnection, keepalive: bool) -> Request:
+        started = time.monotonic()
+        headers = {"Content-Type": "application/json"}
+        if not keepalive:
+            headers["Connection"] = "close"
+        try:
+            conn.request("POST", PREDICT_PATH, body=self.body, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            color = self._color(resp.getheader("X-Served-By"))
+            if resp.getheader("Connection", "").lower() == "close":
+                conn.close()
+            return Request(started, time.monotonic() - started, resp.status, color, keepalive)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            return Request(started, time.monotonic() - started, 0, "", keepalive,
+                           f"{type(exc).__name__}: {exc}")
+
+    def _worker(self, index: int) -> None:
+        keepalive = index % 2 == 0
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        next_at = time.monotonic() + (index / self.workers) * self.interval
+        while not self._stop.is_set() and time.monotonic() < self.deadline:
+            with self._lock:
+                if self._sent >= self.max_requests:
+                    break
+                self._sent += 1
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            next_at += self.interval
+            if not keepalive:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            req = self._one(conn, keepalive)
+            with self._lock:
+                self.report.add(req)
+            if not keepalive:
+                conn.close()
+        conn.close()
+
+    def start(self) -> LoadGenerator:
+        for i in range(self.workers):
+            t = threading.Thread(target=self._worker, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> Report:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.timeout + 5)
+        return self.report
+
+    def __enter__(self) -> LoadGenerator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=28080)
+    parser.add_argument("--rate", type=float, default=100.0, help="requests per second, all workers")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--max-requests", type=int, default=100_000)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+    gen = LoadGenerator(args.host, args.port, args.rate, args.workers, args.seconds, args.max_requests)
+    gen.start()
+    while any(t.is_alive() for t in gen._threads):
+        time.sleep(0.2)
+    summary = gen.stop().summary()
+    print(json.dumps(summary, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(summary) + "\n")
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
