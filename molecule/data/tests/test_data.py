@@ -1,0 +1,390 @@
+"""Verify the data tier on the converged hosts: real behaviour, not Ansible's word.
+
+gm-mol-data-db carries PostgreSQL, TimescaleDB (extension switched off) and Redis under a
+1 GiB / 1 CPU cgroup limit; gm-mol-data-client is an address outside the allowed network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import testinfra
+
+testinfra_hosts = ["podman://gm-mol-data-db"]
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent
+REPO = SCENARIO_DIR.parent.parent
+SECRETS = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "secrets"
+DB = "grandmodel"
+
+
+def secret(name: str) -> str:
+    return (SECRETS / name).read_text().split()[0]
+
+
+@pytest.fixture(scope="module")
+def client():
+    return testinfra.get_host("podman://gm-mol-data-client")
+
+
+@pytest.fixture(scope="module")
+def db_ip(host) -> str:
+    return host.check_output("ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1")
+
+
+def psql(host, sql: str, user: str = "grandmodel_app", password: str | None = None,
+         hostname: str = "127.0.0.1"):
+    """Run SQL as an application role over TCP with scram authentication."""
+    pw = {"grandmodel_app": "postgresql_app", "grandmodel_ro": "postgresql_ro"}[user]
+    password = secret(pw) if password is None else password
+    env = f"PGPASSWORD={password} " if password else ""
+    return host.run(f"{env}psql -X -w -At -v ON_ERROR_STOP=1 -h {hostname} -U {user} -d {DB} -c \"{sql}\"")
+
+
+def superuser(host, sql: str, db: str = DB) -> str:
+    return host.check_output(f"runuser -u postgres -- psql -X -At -d {db} -c \"{sql}\"")
+
+
+def redis(host, *args: str, user: str | None = "grandmodel_app"):
+    auth = ""
+    if user:
+        pw = {"grandmodel_app": "redis_app", "grandmodel_admin": "redis_admin"}[user]
+        auth = f"REDISCLI_AUTH={secret(pw)} "
+    cmd = " ".join(args)
+    return host.run(f"{auth}redis-cli --no-auth-warning {'--user ' + user if user else ''} {cmd}")
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+def test_postgresql_sized_from_the_cgroup_not_the_machine(host):
+    # The container is limited to 1 GiB and 1 CPU while the machine has far more.
+    assert superuser(host, "SHOW shared_buffers") == "256MB"
+    assert superuser(host, "SHOW effective_cache_size") == "768MB"
+    assert superuser(host, "SHOW maintenance_work_mem") == "64MB"
+    assert superuser(host, "SHOW max_parallel_workers") == "1"
+    assert superuser(host, "SHOW max_parallel_workers_per_gather") == "0"
+    # An override from postgresql_settings wins over the role's value.
+    assert superuser(host, "SHOW log_min_duration_statement") == "250ms"
+    assert superuser(host, "SHOW password_encryption") == "scram-sha-256"
+    assert superuser(host, "SHOW shared_preload_libraries") == "pg_stat_statements"
+    assert superuser(host, "SELECT count(*) FROM pg_file_settings WHERE error IS NOT NULL") == "0"
+
+
+def test_pg_hba_allows_scram_only(host):
+    hba = host.file("/etc/postgresql/15/main/pg_hba.conf")
+    assert hba.user == "postgres" and hba.mode == 0o640
+    methods = {line.split()[-1] for line in hba.content_string.splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert methods == {"peer", "scram-sha-256"}
+    assert superuser(host, "SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL") == "0"
+    assert superuser(host, "SELECT count(*) FROM pg_authid WHERE rolname LIKE 'grandmodel_%' "
+                           "AND rolpassword NOT LIKE 'SCRAM-SHA-256$%'") == "0"
+
+
+def test_application_role_reads_and_writes_its_schemas(host):
+    trade = uuid.uuid4()
+    out = psql(host, "INSERT INTO trading.trades (trade_id, symbol, side, quantity, price, strategy, agent, "
+                     f"executed_at) VALUES ('{trade}', 'ES', 'BUY', 2, 5000.25, 'momentum', 'tactical', now()) "
+                     "RETURNING symbol")
+    assert out.rc == 0, out.stderr
+    assert psql(host, f"SELECT side FROM trading.trades WHERE trade_id = '{trade}'").stdout.strip() == "BUY"
+    for sql in (
+        "INSERT INTO analytics.performance_metrics (strategy, agent, period_start, period_end, sharpe_ratio) "
+        "VALUES ('momentum', 'tactical', now() - interval '1 day', now(), 1.7)",
+        "INSERT INTO monitoring.system_health (component, host, status) VALUES ('api', 'app1', 'healthy')",
+        "INSERT INTO monitoring.deployments (release_id, service, version, environment, initiated_by) "
+        f"VALUES ('{uuid.uuid4()}', 'model_service', '1.2.3', 'molecule', 'ci')",
+        "UPDATE trading.positions SET updated_at = now() WHERE false",
+        "INSERT INTO timeseries.market_data (time, symbol, close) VALUES (now(), 'ES', 5000.5)",
+    ):
+        result = psql(host, sql)
+        assert result.rc == 0, f"{sql}: {result.stderr}"
+    # The application role owns nothing and cannot change the schema.
+    denied = psql(host, "CREATE TABLE trading.sneaky (id int)")
+    assert denied.rc != 0 and "permission denied for schema trading" in denied.stderr
+
+
+def test_readonly_role_reads_but_cannot_write(host):
+    assert psql(host, "SELECT count(*) > 0 FROM trading.trades", user="grandmodel_ro").stdout.strip() == "t"
+    assert psql(host, "SELECT count(*) FROM timeseries.market_data", user="grandmodel_ro").rc == 0
+    for sql in ("INSERT INTO trading.positions (symbol, strategy, quantity, avg_price, opened_at) "
+                "VALUES ('ES', 'x', 1, 1, now())",
+                "DELETE FROM trading.trades",
+                "INSERT INTO timeseries.market_data (time, symbol) VALUES (now(), 'NQ')"):
+        result = psql(host, sql, user="grandmodel_ro")
+        assert result.rc != 0 and "permission denied for table" in result.stderr, sql
+
+
+def test_wrong_or_missing_password_is_refused(host):
+    wrong = psql(host, "SELECT 1", password="not-the-password-" + secrets.token_hex(4))
+    assert wrong.rc != 0 and 'password authentication failed for user "grandmodel_app"' in wrong.stderr
+    missing = psql(host, "SELECT 1", password="")
+    assert missing.rc != 0 and "no password supplied" in missing.stderr
+    # The Unix socket asks for a password too (scram, not peer or trust).
+    socket = host.run("runuser -u nobody -- psql -X -w -h /var/run/postgresql -U grandmodel_app "
+                      "-d grandmodel -c 'SELECT 1'")
+    assert socket.rc != 0 and "no password supplied" in socket.stderr
+
+
+def test_pg_hba_refuses_an_address_outside_the_allowed_network(host, client, db_ip):
+    # From the db host's own address (inside the allowed /32) the right password works ...
+    assert psql(host, "SELECT current_user", hostname=db_ip).stdout.strip() == "grandmodel_app"
+    # ... from the client container the same credentials are refused by pg_hba.
+    assert client.run(f"timeout 5 bash -c '</dev/tcp/{db_ip}/5432'").rc == 0, "port must be reachable"
+    refused = psql(client, "SELECT 1", hostname=db_ip)
+    client_ip = client.check_output("ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1")
+    assert refused.rc != 0
+    assert f'no pg_hba.conf entry for host "{client_ip}", user "grandmodel_app"' in refused.stderr
+
+
+def test_migrations_are_recorded_and_applied_once(host):
+    rows = superuser(host, "SELECT version || ':' || description FROM public.grandmodel_schema_migrations "
+                           "ORDER BY version").splitlines()
+    assert [r.split(":")[0] for r in rows] == ["T001", "V001", "V002", "V003", "V004"]
+    # The migrations use plain CREATE statements: had the idempotence run replayed one it would
+    # have failed. Every version was applied in the first converge only.
+    assert superuser(host, "SELECT count(DISTINCT date_trunc('minute', applied_at)) <= 2 "
+                           "FROM public.grandmodel_schema_migrations") == "t"
+    tables = superuser(host, "SELECT string_agg(schemaname || '.' || tablename, ',' ORDER BY 1) FROM pg_tables "
+                             "WHERE schemaname IN ('trading', 'analytics', 'monitoring', 'timeseries')")
+    assert tables.split(",") == sorted([
+        "analytics.performance_metrics", "monitoring.deployments", "monitoring.system_health",
+        "timeseries.market_data", "timeseries.system_metrics", "trading.positions", "trading.trades"])
+    indexes = superuser(host, "SELECT count(*) FROM pg_indexes WHERE schemaname = 'trading'")
+    assert int(indexes) >= 8
+
+
+def test_pg_stat_statements_collects_queries(host):
+    psql(host, "SELECT count(*) FROM trading.trades WHERE symbol = 'ES'")
+    count = superuser(host, "SELECT count(*) FROM pg_stat_statements WHERE query LIKE '%FROM trading.trades%'")
+    assert int(count) >= 1
+
+
+# --- TimescaleDB (extension switched off: the vendor repository is unreachable here) -----------
+
+def test_timescaledb_repository_configured_but_disabled(host):
+    sources = host.file("/etc/apt/sources.list.d/timescaledb.sources")
+    assert sources.mode == 0o644
+    assert sources.contains("^URIs: https://packagecloud.io/timescale/timescaledb/debian/$")
+    assert sources.contains("^Suites: bookworm$")
+    assert sources.contains("^Signed-By: /etc/apt/keyrings/timescaledb.asc$")
+    assert sources.contains("^Enabled: no$")
+    # A disabled source must not break apt for the rest of the host.
+    update = host.run("timeout 120 apt-get update -q")
+    assert update.rc == 0 and "timescale" not in update.stdout + update.stderr
+
+
+def test_timescaledb_preload_rendered_but_not_active(host):
+    pending = host.file("/var/lib/postgresql/grandmodel-timescaledb/60-timescaledb.conf.pending")
+    assert pending.contains("^shared_preload_libraries = 'pg_stat_statements,timescaledb'$")
+    assert pending.contains("^timescaledb.telemetry_level = off$")
+    assert not host.file("/etc/postgresql/15/main/conf.d/60-timescaledb.conf").exists
+    assert "timescaledb" not in superuser(host, "SHOW shared_preload_libraries")
+
+
+def test_timescaledb_sql_that_would_run(host):
+    hyper = host.file("/var/lib/postgresql/grandmodel-timescaledb/T002__timescaledb_hypertables.sql").content_string
+    assert "CREATE EXTENSION IF NOT EXISTS timescaledb;" in hyper
+    assert "create_hypertable('timeseries.market_data', 'time'" in hyper
+    assert "create_hypertable('timeseries.system_metrics', 'time'" in hyper
+    assert "chunk_time_interval => INTERVAL '1 day'" in hyper
+    policies = host.file("/var/lib/postgresql/grandmodel-timescaledb/T003__timescaledb_policies.sql").content_string
+    assert policies.count("add_retention_policy(") == 2
+    assert "INTERVAL '30 days'" in policies and "INTERVAL '7 days'" in policies
+    # Not applied: only the plain tables migration is recorded.
+    assert superuser(host, "SELECT count(*) FROM public.grandmodel_schema_migrations WHERE version LIKE 'T00%' "
+                           "AND version <> 'T001'") == "0"
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+def test_redis_refuses_unauthenticated_clients(host):
+    assert host.service("redis-server").is_running and host.service("redis-server").is_enabled
+    ping = redis(host, "PING", user=None)
+    assert "NOAUTH" in ping.stdout + ping.stderr
+    default = host.run("redis-cli --no-auth-warning --user default --pass anything PING")
+    assert "WRONGPASS" in default.stdout + default.stderr or "AUTH failed" in default.stdout + default.stderr
+    wrong = host.run("redis-cli --no-auth-warning --user grandmodel_app --pass wrong-password PING")
+    assert "WRONGPASS" in wrong.stdout + wrong.stderr or "AUTH failed" in wrong.stdout + wrong.stderr
+
+
+def test_redis_app_user_works_but_dangerous_commands_are_denied(host):
+    assert redis(host, "SET", "gm:probe", "42").stdout.strip() == "OK"
+    assert redis(host, "GET", "gm:probe").stdout.strip() == "42"
+    for command in ("FLUSHALL", "FLUSHDB", "CONFIG GET maxmemory", "DEBUG SLEEP 0", "KEYS '*'", "SHUTDOWN",
+                    "ACL LIST"):
+        out = redis(host, command)
+        assert "NOPERM" in out.stdout + out.stderr, command
+    assert redis(host, "GET", "gm:probe").stdout.strip() == "42", "nothing was flushed"
+
+
+def test_redis_configuration_and_secrets_at_rest(host):
+    maxmemory = redis(host, "CONFIG GET maxmemory", user="grandmodel_admin").stdout.split()
+    assert maxmemory == ["maxmemory", str(16 * 1024 * 1024)]
+    policy = redis(host, "CONFIG GET maxmemory-policy", user="grandmodel_admin").stdout.split()
+    assert policy == ["maxmemory-policy", "allkeys-lru"]
+    assert redis(host, "CONFIG GET appendonly", user="grandmodel_admin").stdout.split() == ["appendonly", "yes"]
+    acl = host.file("/etc/redis/users.acl")
+    assert acl.user == "redis" and acl.mode == 0o640
+    text = acl.content_string
+    assert secret("redis_app") not in text and secret("redis_admin") not in text, "passwords stored hashed"
+    assert text.startswith("user default off")
+    listeners = host.check_output("ss -Htlnp 'sport = :6379' | awk '{print $4}'").split()
+    assert set(listeners) <= {"127.0.0.1:6379", "[::1]:6379"}
+
+
+def test_redis_systemd_hardening(host):
+    props = dict(line.split("=", 1) for line in host.check_output(
+        "systemctl show redis-server -p ReadOnlyPaths -p ReadWritePaths -p ProtectSystem -p NoNewPrivileges "
+        "-p User -p CapabilityBoundingSet").splitlines())
+    assert props["User"] == "redis"
+    assert props["ProtectSystem"] == "strict"
+    assert props["NoNewPrivileges"] == "yes"
+    assert "/etc/redis" in props["ReadOnlyPaths"]
+    assert "/etc/redis" not in props["ReadWritePaths"]
+    # The daemon really cannot persist a configuration change.
+    rewrite = redis(host, "CONFIG REWRITE", user="grandmodel_admin")
+    assert "ERR" in rewrite.stdout + rewrite.stderr
+
+
+def test_redis_kernel_settings_skipped_in_a_container_with_the_reason(host):
+    fact = json.loads(host.file("/etc/ansible/facts.d/grandmodel_redis.fact").content_string)
+    assert fact["kernel_tuning"] == "skipped"
+    assert "container" in fact["reason"] and "host kernel" in fact["reason"]
+    assert not host.file("/etc/sysctl.d/60-grandmodel-redis.conf").exists
+    assert not host.file("/etc/systemd/system/grandmodel-redis-thp.service").exists
+
+
+def test_redis_keeps_data_across_a_restart(host):
+    assert redis(host, "SET", "gm:durable", "survives").stdout.strip() == "OK"
+    host.run_test("systemctl restart redis-server")
+    host.run_test("timeout 20 sh -c 'until redis-cli PING 2>&1 | grep -q NOAUTH; do sleep 0.2; done'")
+    assert redis(host, "GET", "gm:durable").stdout.strip() == "survives"
+
+
+# --- Backups ----------------------------------------------------------------------------------
+
+def run_playbook(playbook: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(REPO / "playbooks" / playbook), *extra],
+        capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_backup_timers_are_scheduled(host):
+    for unit in ("grandmodel-postgresql-backup.timer", "grandmodel-redis-backup.timer"):
+        assert host.service(unit).is_enabled and host.service(unit).is_running, unit
+
+
+def test_backup_destroy_restore_gives_identical_data(host):
+    # Rows and keys that must survive.
+    values = ",".join(
+        f"('{uuid.uuid4()}', 'SYM{i}', '{'BUY' if i % 2 else 'SELL'}', {i + 1}, {100 + i}.5, 'restore', 'strategic', "
+        f"now() - interval '{i} minutes')" for i in range(50))
+    assert psql(host, "INSERT INTO trading.trades (trade_id, symbol, side, quantity, price, strategy, agent, "
+                      f"executed_at) VALUES {values}").rc == 0
+    fingerprint_sql = "SELECT count(*) || ':' || md5(string_agg(t::text, '|' ORDER BY id)) FROM trading.trades t"
+    before = superuser(host, fingerprint_sql)
+    for i in range(20):
+        redis(host, "SET", f"gm:restore:{i}", f"value-{i}")
+    redis_before = [redis(host, "GET", f"gm:restore:{i}").stdout.strip() for i in range(20)]
+    # A stale dump beyond retention, which the next backup must remove.
+    host.run_test("runuser -u postgres -- touch -d '10 days ago' "
+                  "/var/backups/grandmodel/postgresql/grandmodel-20000101T000000Z.dump")
+
+    run_playbook("backup.yml")
+    dumps = host.check_output("ls /var/backups/grandmodel/postgresql").split()
+    assert "grandmodel-20000101T000000Z.dump" not in dumps, "retention removed the old dump"
+    assert any(d.endswith(".dump") for d in dumps)
+    assert host.check_output("ls /var/backups/grandmodel/redis").split()
+
+    # Destroy: the schema with the rows, and the whole Redis dataset.
+    superuser(host, "DROP SCHEMA trading CASCADE")
+    redis(host, "FLUSHALL", user="grandmodel_admin")
+    assert redis(host, "GET", "gm:restore:0").stdout.strip() == ""
+
+    run_playbook("restore.yml")
+    assert superuser(host, fingerprint_sql) == before
+    assert [redis(host, "GET", f"gm:restore:{i}").stdout.strip() for i in range(20)] == redis_before
+    # Grants came back with the restore: the application role writes again.
+    assert psql(host, "UPDATE trading.trades SET pnl = 0 WHERE strategy = 'restore'").rc == 0
+
+
+def test_redis_honours_maxmemory(host):
+    # Write about 4x the 16 MiB ceiling in bounded batches; allkeys-lru must evict, not grow.
+    host.run_test("python3 -c \"import sys; [sys.stdout.write('SET gm:fill:%d %s\\r\\n' % (i, 'x' * 1024)) "
+                  "for i in range(60000)]\" > /tmp/fill.txt")
+    fill = host.run(f"REDISCLI_AUTH={secret('redis_app')} timeout 60 redis-cli --no-auth-warning "
+                    "--user grandmodel_app --pipe < /tmp/fill.txt")
+    assert fill.rc == 0, fill.stderr
+    info = redis(host, "INFO", user="grandmodel_admin").stdout
+    stats = dict(line.split(":", 1) for line in info.split("\r\n") if ":" in line)
+    assert int(stats["evicted_keys"]) > 0
+    assert int(stats["used_memory"]) <= 16 * 1024 * 1024 * 1.10
+    assert int(stats["maxmemory"]) == 16 * 1024 * 1024
+
+
+# --- Bad input --------------------------------------------------------------------------------
+
+def _pw() -> str:
+    return secrets.token_hex(12)
+
+
+GOOD_PG = {"postgresql_app_password": "A" + _pw(), "postgresql_readonly_password": "B" + _pw()}
+GOOD_REDIS = {"redis_admin_password": "A" + _pw(), "redis_app_password": "B" + _pw()}
+
+BAD_INPUTS = {
+    "pg-missing-passwords": ("postgresql", {},
+                             "missing required arguments: postgresql_app_password, postgresql_readonly_password"),
+    "pg-md5-in-hba": ("postgresql", {**GOOD_PG, "postgresql_hba_entries": [
+        {"type": "host", "database": "all", "user": "all", "address": "10.0.0.0/8", "method": "md5"}]},
+        "value of method must be one of: scram-sha-256, got: md5"),
+    "pg-hba-without-address": ("postgresql", {**GOOD_PG, "postgresql_hba_entries": [
+        {"type": "host", "database": "all", "user": "all"}]}, "needs address in CIDR notation"),
+    "pg-short-password": ("postgresql", {"postgresql_app_password": "short", "postgresql_readonly_password": _pw()},
+                          "must each be at least 12 characters"),
+    "pg-bad-storage": ("postgresql", {**GOOD_PG, "postgresql_storage": "tape"},
+                       "value of postgresql_storage must be one of: ssd, hdd, got: tape"),
+    "redis-missing-passwords": ("redis", {}, "missing required arguments: redis_admin_password, redis_app_password"),
+    "redis-bad-policy": ("redis", {**GOOD_REDIS, "redis_maxmemory_policy": "evict-everything"},
+                         "value of redis_maxmemory_policy must be one of"),
+    "redis-bad-maxmemory": ("redis", {**GOOD_REDIS, "redis_maxmemory": "lots"}, "needs a size like 256mb"),
+    "redis-app-rules-with-password": ("redis", {**GOOD_REDIS, "redis_app_acl_rules": "+@all nopass"},
+                                      "may only hold key, channel and command rules"),
+    "tsdb-bad-retention": ("timescaledb", {"timescaledb_retention": "forever"}, "is not an interval like"),
+    "tsdb-without-postgresql": ("timescaledb", {}, "apply quantnova.grandmodel.postgresql first"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs() -> dict[str, subprocess.CompletedProcess[str]]:
+    def run(case: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+        role, extra_vars, _ = BAD_INPUTS[case]
+        proc = subprocess.run(
+            ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO_DIR / "invalid_input.yml"),
+             "-e", json.dumps({"role_under_test": role, **extra_vars})],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+        return case, proc
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, BAD_INPUTS))
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_rejected_with_a_clear_message(bad_input_runs, case):
+    proc = bad_input_runs[case]
+    output = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0, output
+    assert BAD_INPUTS[case][2] in output, output
+    # Nothing was installed on the client by a rejected run.
+    assert "changed=0" in output, output
