@@ -18,6 +18,7 @@ import argparse
 import http.client
 import ipaddress
 import json
+import select
 import socket
 import statistics
 import sys
@@ -141,7 +142,27 @@ class LoadGenerator:
         except (IndexError, ValueError):
             return last
 
+    @staticmethod
+    def _drop_if_closed(conn: http.client.HTTPConnection) -> None:
+        """Reconnect when the server already closed this idle keep-alive connection.
+
+        A connection pool checks this before reusing a connection (urllib3's
+        is_connection_dropped does the same): nginx closes idle keep-alive connections when it
+        reloads, and a request written to such a socket is lost before the server ever reads it.
+        """
+        sock = conn.sock
+        if sock is None:
+            return
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable and not sock.recv(1, socket.MSG_PEEK):
+                conn.close()
+        except OSError:
+            conn.close()
+
     def _one(self, conn: http.client.HTTPConnection, keepalive: bool) -> Request:
+        if keepalive:
+            self._drop_if_closed(conn)
         started = time.monotonic()
         headers = {"Content-Type": "application/json"}
         if not keepalive:
