@@ -3,7 +3,7 @@
 #   make test   every check: lint, sanity, pytest, molecule scenarios (summary at the end)
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench lint sandbox-up sandbox-down molecule-% clean
+.PHONY: setup demo test bench bench-release lint sandbox-up sandbox-down molecule-% clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,9 @@ lint: setup
 
 bench: setup
 	@$(PY) -m grandmodel_service.bench
+
+bench-release: setup
+	@$(PY) scripts/bench_rollout.py
 
 sandbox-up: setup
 	@$(PY) scripts/sandbox.py up

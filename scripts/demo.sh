@@ -10,7 +10,8 @@ started=$(date +%s)
 echo "== 1/3 sandbox hosts ($inventory) =="
 .venv/bin/python scripts/sandbox.py up -i "$inventory"
 
-echo "== 2/3 ansible-playbook site.yml -i $inventory =="
+echo "== 2/3 release 2026.11.0 and ansible-playbook site.yml -i $inventory =="
+.venv/bin/python scripts/build_release.py --version 2026.11.0
 ansible-playbook site.yml -i "$inventory" "$@"
 
 echo "== 3/3 where to look =="
@@ -18,8 +19,13 @@ echo "== 3/3 where to look =="
 cat <<TXT
 
 Deployed in $(( $(date +%s) - started ))s. Next:
+  curl -s http://127.0.0.1:18080/version             the inference service through the nginx front door
+  curl -sk https://127.0.0.1:18443/version           the same over TLS (self-signed)
+  ansible-playbook playbooks/rollout.yml -e release_version=2026.11.1   a blue-green release
+  ansible-playbook playbooks/rollback.yml            back to the warm colour
   podman exec -it gm-sbx-app1 bash                  a shell on a sandbox host
   ansible all -i $inventory -m ansible.builtin.ping  reach every host
   ansible-playbook site.yml -i $inventory --check --diff   nothing should change
+  (build release 2026.11.1 first: .venv/bin/python scripts/build_release.py --version 2026.11.1 --seed 8)
   make sandbox-down                                  remove the sandbox hosts
 TXT
