@@ -152,7 +152,8 @@ def test_migrations_are_recorded_and_applied_once(host):
     # have failed. Every version was applied in the first converge only.
     assert superuser(host, "SELECT count(DISTINCT date_trunc('minute', applied_at)) <= 2 "
                            "FROM public.grandmodel_schema_migrations") == "t"
-    tables = superuser(host, "SELECT string_agg(schemaname || '.' || tablename, ',' ORDER BY 1) FROM pg_tables "
+    tables = superuser(host, "SELECT string_agg(schemaname || '.' || tablename, ',' ORDER BY schemaname, tablename) "
+                             "FROM pg_tables "
                              "WHERE schemaname IN ('trading', 'analytics', 'monitoring', 'timeseries')")
     assert tables.split(",") == sorted([
         "analytics.performance_metrics", "monitoring.deployments", "monitoring.system_health",
@@ -218,10 +219,14 @@ def test_redis_refuses_unauthenticated_clients(host):
 def test_redis_app_user_works_but_dangerous_commands_are_denied(host):
     assert redis(host, "SET", "gm:probe", "42").stdout.strip() == "OK"
     assert redis(host, "GET", "gm:probe").stdout.strip() == "42"
-    for command in ("FLUSHALL", "FLUSHDB", "CONFIG GET maxmemory", "DEBUG SLEEP 0", "KEYS '*'", "SHUTDOWN",
-                    "ACL LIST"):
+    for command in ("FLUSHALL", "FLUSHDB", "CONFIG GET maxmemory", "KEYS '*'", "SHUTDOWN", "ACL LIST"):
         out = redis(host, command)
         assert "NOPERM" in out.stdout + out.stderr, command
+    # DEBUG is refused twice over: the server disables it, and the ACL denies it to the app user.
+    debug = redis(host, "DEBUG SLEEP 0")
+    assert "DEBUG command not allowed" in debug.stdout + debug.stderr or "NOPERM" in debug.stdout
+    dryrun = redis(host, "ACL DRYRUN grandmodel_app DEBUG SLEEP 0", user="grandmodel_admin")
+    assert "no permissions to run the 'debug' command" in dryrun.stdout
     assert redis(host, "GET", "gm:probe").stdout.strip() == "42", "nothing was flushed"
 
 
