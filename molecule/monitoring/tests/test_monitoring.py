@@ -1,0 +1,234 @@
+"""Verify the monitoring tier on the converged hosts: real answers from Prometheus, Alertmanager,
+the exporters and promtool, never Ansible's word."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import testinfra
+import yaml
+
+testinfra_hosts = ["ansible://gm-mol-monitoring"]
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent
+REPO = SCENARIO_DIR.parent.parent
+ROLES = REPO / "ansible_collections" / "quantnova" / "grandmodel" / "roles"
+MONITORED = "gm-mol-monitoring-2"
+
+
+@pytest.fixture(scope="module")
+def monitored():
+    return testinfra.get_host(f"ansible://{MONITORED}",
+                              ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+
+
+def api(host, url: str) -> dict:
+    """GET a JSON API from inside the monitoring host (its services listen there)."""
+    fetch = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+    out = host.check_output(f"python3 -c '{fetch}' %s", url)
+    return json.loads(out)
+
+
+def query(host, promql: str) -> list[dict]:
+    import urllib.parse
+
+    data = api(host, "http://127.0.0.1:9090/api/v1/query?query=" + urllib.parse.quote(promql))
+    assert data["status"] == "success", data
+    return data["data"]["result"]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 2.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def alerts(host, name: str, **labels: str) -> list[dict]:
+    found = api(host, "http://127.0.0.1:9090/api/v1/alerts")["data"]["alerts"]
+    return [a for a in found if a["labels"].get("alertname") == name
+            and all(a["labels"].get(k) == v for k, v in labels.items())]
+
+
+def test_services_running_with_configured_flags(host, monitored):
+    for name in ("prometheus", "prometheus-alertmanager", "prometheus-node-exporter"):
+        assert host.service(name).is_running and host.service(name).is_enabled, name
+    for name in ("prometheus-node-exporter", "prometheus-postgres-exporter", "prometheus-redis-exporter"):
+        assert monitored.service(name).is_running and monitored.service(name).is_enabled, name
+    flags = api(host, "http://127.0.0.1:9090/api/v1/status/flags")["data"]
+    assert flags["storage.tsdb.retention.time"] == "1d"
+    assert flags["storage.tsdb.retention.size"] == "512MiB"  # Prometheus reads MB as 2^20 bytes
+
+
+def test_every_scrape_target_is_up(host):
+    expected = {
+        ("prometheus", "gm-mol-monitoring:9090"), ("alertmanager", "gm-mol-monitoring:9093"),
+        ("node", "gm-mol-monitoring:9100"), ("node", f"{MONITORED}:9100"),
+        ("postgres", f"{MONITORED}:9187"), ("redis", f"{MONITORED}:9121"),
+        ("grandmodel", f"{MONITORED}:8001"), ("grandmodel", f"{MONITORED}:8002"),
+    }
+
+    def targets():
+        active = api(host, "http://127.0.0.1:9090/api/v1/targets")["data"]["activeTargets"]
+        seen = {(t["labels"]["job"], t["labels"]["instance"]): t for t in active}
+        if set(seen) == expected and all(t["health"] == "up" for t in seen.values()):
+            return seen
+        return None
+
+    seen = wait_for(targets, 90, "every scrape target up")
+    colours = {t["labels"]["instance"]: t["labels"].get("color") for t in seen.values()
+               if t["labels"]["job"] == "grandmodel"}
+    assert colours == {f"{MONITORED}:8001": "blue", f"{MONITORED}:8002": "green"}
+    assert all(t["labels"]["env"] == "molecule" for t in seen.values())
+
+
+def test_exporters_reach_postgresql_and_redis_with_their_credentials(host, monitored):
+    # pg_up/redis_up are 1 only when the exporter logged in with the password the role wrote.
+    assert wait_for(lambda: [r for r in query(host, "pg_up == 1")], 30, "pg_up == 1")
+    assert wait_for(lambda: [r for r in query(host, "redis_up == 1")], 30, "redis_up == 1")
+    for path in ("/etc/default/prometheus-postgres-exporter", "/etc/default/prometheus-redis-exporter"):
+        f = monitored.file(path)
+        assert (f.user, f.group, f.mode) == ("root", "prometheus", 0o640), path
+
+
+def test_rule_unit_tests_pass_with_promtool(host):
+    # The authored rules and their unit tests, run by Debian's promtool inside the container.
+    host.check_output("rm -rf /tmp/rules-unit && mkdir -p /tmp/rules-unit/rules /tmp/rules-unit/rules_tests")
+    files = ROLES / "monitoring" / "files"
+    for sub in ("rules", "rules_tests"):
+        for path in sorted((files / sub).glob("*.yml")):
+            host.ansible("ansible.builtin.copy", f"src={path} dest=/tmp/rules-unit/{sub}/{path.name}",
+                         check=False, become=True)
+    result = host.run("cd /tmp/rules-unit/rules_tests && promtool test rules *.yml")
+    assert result.rc == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+def test_deployed_rules_and_config_are_valid_and_loaded(host):
+    assert host.run("promtool check config /etc/prometheus/prometheus.yml").rc == 0
+    assert host.run("amtool check-config /etc/prometheus/alertmanager.yml").rc == 0
+    groups = api(host, "http://127.0.0.1:9090/api/v1/rules")["data"]["groups"]
+    names = {r["name"] for g in groups for r in g["rules"]}
+    for alert in ("TargetDown", "GrandModelHighLatency", "GrandModelHighErrorRate", "GrandModelNotReady",
+                  "GrandModelVersionMismatch", "HostMemoryPressure", "HostCpuPressure", "HostDiskFillingUp",
+                  "HostClockSkew", "PostgresDown", "RedisDown", "GrandModelRiskLimitBreach",
+                  "GrandModelDrawdownHigh", "grandmodel:request_duration_seconds:p95_5m",
+                  "grandmodel:http_errors:ratio_rate5m"):
+        assert alert in names, alert
+    # The scenario's `for:` override reached every alert; the source files keep the runbook values.
+    assert {r["duration"] for g in groups for r in g["rules"] if r["type"] == "alerting"} == {4}
+    assert all(g["interval"] == 2 for g in groups)
+    status = api(host, "http://127.0.0.1:9093/api/v2/status")
+    am = yaml.safe_load(status["config"]["original"])
+    route = am["route"]["routes"][0]
+    assert (route["receiver"], route["matchers"]) == ("sink", ['severity=~"critical|warning"'])
+    assert am["receivers"][1]["webhook_configs"][0]["url"] == "http://127.0.0.1:9099/alerts"
+
+
+def test_stopping_an_exporter_fires_target_down_and_notifies(host, monitored):
+    instance = f"{MONITORED}:9100"
+    monitored.check_output("systemctl stop prometheus-node-exporter")
+    try:
+        wait_for(lambda: alerts(host, "TargetDown", instance=instance), 60, "TargetDown pending")
+        wait_for(lambda: [a for a in alerts(host, "TargetDown", instance=instance) if a["state"] == "firing"],
+                 60, "TargetDown firing")
+        # Alertmanager holds it and delivered it through the sink route's webhook.
+        held = api(host, "http://127.0.0.1:9093/api/v2/alerts?filter=alertname%3D%22TargetDown%22")
+        assert any(a["labels"]["instance"] == instance for a in held), held
+
+        def delivered():
+            out = host.run("cat /var/tmp/alert-sink.jsonl").stdout
+            return [n for n in map(json.loads, out.splitlines())
+                    if any(a["labels"].get("alertname") == "TargetDown"
+                           and a["labels"].get("instance") == instance for a in n["alerts"])]
+
+        notes = wait_for(delivered, 30, "webhook notification for TargetDown")
+        assert notes[0]["receiver"] == "sink" and notes[0]["status"] == "firing"
+    finally:
+        monitored.run("systemctl start prometheus-node-exporter")
+    wait_for(lambda: not alerts(host, "TargetDown", instance=instance), 60, "TargetDown resolved")
+
+
+def test_a_colour_reporting_not_ready_fires_model_not_ready(host, monitored):
+    metrics = "/srv/stub-8002/metrics"
+    monitored.check_output(f"sed -i 's/^grandmodel_ready 1$/grandmodel_ready 0/' {metrics}")
+    try:
+        found = wait_for(lambda: alerts(host, "GrandModelNotReady", color="green"), 60, "GrandModelNotReady")
+        assert found[0]["state"] in ("pending", "firing")
+        assert found[0]["labels"]["instance"] == f"{MONITORED}:8002"
+        assert not alerts(host, "GrandModelNotReady", color="blue")
+    finally:
+        monitored.run(f"sed -i 's/^grandmodel_ready 0$/grandmodel_ready 1/' {metrics}")
+
+
+def test_grafana_provisioning_is_valid_and_every_panel_query_parses(host):
+    assert not host.package("grafana").is_installed  # grafana_install is off here: files only
+    datasource = yaml.safe_load(host.file("/etc/grafana/provisioning/datasources/grandmodel.yml").content_string)
+    assert datasource["datasources"][0]["url"] == "http://127.0.0.1:9090"
+    provider = yaml.safe_load(host.file("/etc/grafana/provisioning/dashboards/grandmodel.yml").content_string)
+    folder = provider["providers"][0]["options"]["path"]
+    assert folder == "/var/lib/grafana/dashboards/grandmodel"
+    exprs = []
+    uids = set()
+    for name in ("grandmodel-service", "grandmodel-hosts", "grandmodel-postgresql", "grandmodel-redis"):
+        board = json.loads(host.file(f"{folder}/{name}.json").content_string)
+        uids.add(board["uid"])
+        assert board["panels"], name
+        for panel in board["panels"]:
+            assert panel["datasource"]["uid"] == datasource["datasources"][0]["uid"]
+            exprs += [t["expr"] for t in panel["targets"]]
+    assert uids == {"grandmodel-service", "grandmodel-hosts", "grandmodel-postgresql", "grandmodel-redis"}
+    # promtool cannot check a bare expression: check them as recording rules instead.
+    rules = {"groups": [{"name": "panels", "rules": [{"record": f"panel:expr:{i}", "expr": e}
+                                                     for i, e in enumerate(exprs)]}]}
+    encoded = base64.b64encode(yaml.safe_dump(rules).encode()).decode()
+    host.check_output(f"echo {encoded} | base64 -d > /tmp/panel-exprs.yml")
+    result = host.run("promtool check rules /tmp/panel-exprs.yml")
+    assert result.rc == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in result.stdout
+
+
+BAD_INPUTS = [
+    pytest.param("monitoring", None, {"monitoring_prometheus_retention_time": "forever"},
+                 "monitoring durations are malformed", id="bad-retention"),
+    pytest.param("monitoring", None, {"monitoring_prometheus_port": "lots"},
+                 "monitoring_prometheus_port", id="port-not-int"),
+    pytest.param("monitoring", None, {"monitoring_alertmanager_default_receiver": "nobody"},
+                 "Alertmanager receivers are inconsistent", id="unknown-receiver"),
+    pytest.param("monitoring", None,
+                 {"monitoring_alertmanager_receivers": [{"name": "default", "email_to": ["a@b.c"]}],
+                  "monitoring_alertmanager_routes": []},
+                 "send email, so monitoring_alertmanager_smtp_smarthost", id="email-without-smtp"),
+    pytest.param("monitoring", None, {"monitoring_service_ports": {}},
+                 "monitoring_service_ports\nneeds at least one colour", id="no-colour"),
+    pytest.param("exporters", "postgres", {},
+                 "missing required arguments: exporters_postgres_password", id="postgres-no-password"),
+    pytest.param("exporters", "redis", {"exporters_redis_password": ""},
+                 "the Redis exporter needs exporters_redis_password", id="redis-empty-password"),
+    pytest.param("grafana", None, {"grafana_prometheus_url": "prometheus"},
+                 "grafana_prometheus_url must be an http(s) URL", id="grafana-bad-url"),
+]
+
+
+@pytest.mark.parametrize(("role", "entry", "extra_vars", "message"), BAD_INPUTS)
+def test_bad_input_is_rejected_with_a_clear_message(role, entry, extra_vars, message):
+    extra = {"role_under_test": role, **extra_vars}
+    if entry:
+        extra["entry_point"] = entry
+    proc = subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO_DIR / "invalid_input.yml"),
+         "-e", json.dumps(extra)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    output = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0, output
+    assert " ".join(message.split()) in output, output
