@@ -407,22 +407,21 @@ def _targets(f: dict[str, Any]) -> dict[str, Any]:
 
 
 def _table(f: dict[str, Any]) -> str:
+    """A markdown table (readable in a terminal, pastable into the README)."""
     lines = [
-        f"{'scenario':<30}{'server':<10}{'req/s':>10}{'samples/s':>12}{'p50 ms':>9}"
-        f"{'p99 ms':>9}  note",
-        "-" * 90,
+        "| scenario | server | req/s | samples/s | p50 ms | p99 ms | note |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for name, figure in f["inprocess"].items():
         lines.append(
-            f"{'in-process ' + name:<30}{'torch':<10}{'':>10}"
-            f"{figure['samples_per_s']:>12,.0f}{'':>9}{'':>9}  "
-            f"{figure['us_per_call']} us/call"
+            f"| in-process {name} | torch | | {figure['samples_per_s']:,.0f} | | | "
+            f"{figure['us_per_call']} us/call |"
         )
     sections = (
-        ("generator_ceiling", "sink"),
+        ("generator_ceiling", "sink (generator ceiling)"),
         ("served", "service"),
-        ("framework_ceiling", "trivial"),
-        ("naive", "naive"),
+        ("framework_ceiling", "bare FastAPI"),
+        ("naive", "naive baseline"),
     )
     for section, label in sections:
         for name, r in f[section].items():
@@ -435,14 +434,13 @@ def _table(f: dict[str, Any]) -> str:
                 f"errors {r['errors']}" if r["errors"] else ""
             )
             lines.append(
-                f"{name:<30}{label:<10}{r['rps']:>10,.0f}{r['samples_per_s']:>12,.0f}"
-                f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}  {note}"
+                f"| {name} | {label} | {r['rps']:,.0f} | {r['samples_per_s']:,.0f} | "
+                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {note} |"
             )
-    lines.append("-" * 90)
+    lines += ["", "| target | measured | goal | verdict |", "|---|---:|---:|---|"]
     for key, t in f["targets"].items():
         lines.append(
-            f"target {key:<36} value {t['value']:<12} goal {t['target']:<8} "
-            f"{'MET' if t['met'] else 'MISSED'}"
+            f"| {key} | {t['value']} | {t['target']} | {'met' if t['met'] else 'MISSED'} |"
         )
     return "\n".join(lines)
 
