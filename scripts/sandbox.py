@@ -185,6 +185,21 @@ def wait_for_systemd(name: str, timeout: float = 60.0) -> None:
                        f"(last state: {state or 'unknown'}); see 'podman logs {name}'")
 
 
+def host_spec(name: str, publish: list[str]) -> list[str]:
+    """podman run arguments of a sandbox host, with a label naming their digest."""
+    args = ["--hostname", name, "--network", NETWORK, "--systemd=always", "--label", f"{LABEL}=1"]
+    for mapping in publish:
+        args += ["--publish", mapping]
+    digest = hashlib.sha256(json.dumps([args, IMAGE, recipe_digest()]).encode()).hexdigest()[:16]
+    return [*args, "--label", f"{LABEL}.spec={digest}"]
+
+
+def container_spec(name: str) -> str:
+    proc = run(["podman", "container", "inspect", name, "--format",
+                f'{{{{ index .Config.Labels "{LABEL}.spec" }}}}'], check=False, capture=True)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else ""
+
+
 def create(names: list[str], publish: dict[str, list[str]]) -> None:
     require_root()
     require_tools("podman")
@@ -192,20 +207,17 @@ def create(names: list[str], publish: dict[str, list[str]]) -> None:
         raise SandboxError(f"base image {IMAGE} is missing; run 'scripts/sandbox.py prepare'")
     ensure_network()
     for name in names:
+        spec = host_spec(name, publish.get(name, []))
+        want = spec[-1].split("=", 1)[1]
         state = container_state(name)
-        if state == "running":
+        if state == "running" and container_spec(name) == want:
             log(f"host {name} already running")
             continue
         if state is not None:
-            log(f"host {name} is stale ({state}); recreating it")
-            run(["podman", "rm", "-f", name], capture=True)
-        cmd = ["podman", "run", "-d", "--name", name, "--hostname", name,
-               "--network", NETWORK, "--systemd=always", "--label", f"{LABEL}=1",
-               "--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_NICE",
-               "--cap-add", "SYS_RESOURCE", "--cap-add", "IPC_LOCK"]
-        for mapping in publish.get(name, []):
-            cmd += ["--publish", mapping]
-        run([*cmd, IMAGE, "/sbin/init"], capture=True)
+            why = "its definition changed" if state == "running" else f"it is stale ({state})"
+            log(f"host {name}: {why}; recreating it")
+            run(["podman", "rm", "-f", "-t", "5", name], capture=True)
+        run(["podman", "run", "-d", "--name", name, *spec, IMAGE, "/sbin/init"], capture=True)
         wait_for_systemd(name)
         log(f"host {name} up" + (f" (published {', '.join(publish[name])})"
                                  if publish.get(name) else ""))

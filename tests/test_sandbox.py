@@ -66,7 +66,7 @@ def test_create_recreates_a_stale_host_and_destroy_removes_it(lifecycle_host: st
     assert state(lifecycle_host) == "exited"
     stale = sandbox("create", lifecycle_host)
     assert stale.returncode == 0, stale.stderr
-    assert "is stale (exited); recreating it" in stale.stdout
+    assert "it is stale (exited); recreating it" in stale.stdout
     assert state(lifecycle_host) == "running"
 
     gone = sandbox("destroy", lifecycle_host)
