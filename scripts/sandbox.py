@@ -185,11 +185,13 @@ def wait_for_systemd(name: str, timeout: float = 60.0) -> None:
                        f"(last state: {state or 'unknown'}); see 'podman logs {name}'")
 
 
-def host_spec(name: str, publish: list[str]) -> list[str]:
+def host_spec(name: str, publish: list[str], caps: list[str]) -> list[str]:
     """podman run arguments of a sandbox host, with a label naming their digest."""
     args = ["--hostname", name, "--network", NETWORK, "--systemd=always", "--label", f"{LABEL}=1"]
     for mapping in publish:
         args += ["--publish", mapping]
+    for cap in caps:
+        args += ["--cap-add", cap]
     digest = hashlib.sha256(json.dumps([args, IMAGE, recipe_digest()]).encode()).hexdigest()[:16]
     return [*args, "--label", f"{LABEL}.spec={digest}"]
 
@@ -200,14 +202,15 @@ def container_spec(name: str) -> str:
     return proc.stdout.decode().strip() if proc.returncode == 0 else ""
 
 
-def create(names: list[str], publish: dict[str, list[str]]) -> None:
+def create(names: list[str], publish: dict[str, list[str]],
+           caps: dict[str, list[str]] | None = None) -> None:
     require_root()
     require_tools("podman")
     if image_recipe() is None:
         raise SandboxError(f"base image {IMAGE} is missing; run 'scripts/sandbox.py prepare'")
     ensure_network()
     for name in names:
-        spec = host_spec(name, publish.get(name, []))
+        spec = host_spec(name, publish.get(name, []), (caps or {}).get(name, []))
         want = spec[-1].split("=", 1)[1]
         state = container_state(name)
         if state == "running" and container_spec(name) == want:
@@ -234,8 +237,12 @@ def destroy(names: list[str]) -> None:
         log(f"host {name} removed")
 
 
-def inventory_hosts(inventory: str) -> tuple[list[str], dict[str, list[str]]]:
-    """Hosts reached with the podman connection, their container names and published ports."""
+def inventory_hosts(inventory: str) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
+    """Hosts reached with the podman connection: container names, published ports, capabilities.
+
+    Capabilities are added only where a host needs them (sandbox_capabilities): the Docker
+    engine needs SYS_ADMIN, while with it systemd's PrivateUsers= fails (Debian's redis unit).
+    """
     tool = REPO / ".venv/bin/ansible-inventory"
     if not tool.exists():
         raise SandboxError(f"{tool} is missing; run 'make setup' to create the project virtualenv")
@@ -244,6 +251,7 @@ def inventory_hosts(inventory: str) -> tuple[list[str], dict[str, list[str]]]:
     hostvars: dict[str, dict[str, object]] = data.get("_meta", {}).get("hostvars", {})
     names: list[str] = []
     publish: dict[str, list[str]] = {}
+    caps: dict[str, list[str]] = {}
     for host, hv in sorted(hostvars.items()):
         if hv.get("ansible_connection") != "containers.podman.podman":
             continue
@@ -252,9 +260,12 @@ def inventory_hosts(inventory: str) -> tuple[list[str], dict[str, list[str]]]:
         ports = hv.get("sandbox_publish", [])
         if isinstance(ports, list):
             publish[cname] = [str(p) for p in ports]
+        wanted = hv.get("sandbox_capabilities", [])
+        if isinstance(wanted, list):
+            caps[cname] = [str(c) for c in wanted]
     if not names:
         raise SandboxError(f"inventory {inventory} has no hosts with the podman connection")
-    return names, publish
+    return names, publish, caps
 
 
 def list_hosts() -> None:
@@ -292,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "destroy":
             destroy(args.names)
         elif args.cmd == "up":
-            names, publish = inventory_hosts(args.inventory)
-            create(names, publish)
+            names, publish, caps = inventory_hosts(args.inventory)
+            create(names, publish, caps)
         elif args.cmd == "down":
-            names, _ = inventory_hosts(args.inventory)
+            names, _, _ = inventory_hosts(args.inventory)
             destroy(names)
         elif args.cmd == "list":
             list_hosts()

@@ -55,7 +55,7 @@ S, F, E = SUCCESSFUL, FAILED, ERROR
     ([F, F], 3, 2, 4, None, None),
     ([S], 3, 5, 1, None, None),
 ])
-def test_decide(outcomes: list[str], count: int, failure_limit: int, error_limit: int,  # noqa: PLR0917
+def test_decide(outcomes: list[str], count: int, failure_limit: int, error_limit: int,
                 verdict: str | None, reason: str | None) -> None:
     assert decide(outcomes, count, failure_limit, error_limit) == (verdict, reason)
 
