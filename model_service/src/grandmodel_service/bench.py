@@ -281,9 +281,6 @@ class Bench:
         served: dict[str, Any] = {}
         with _process(self.server_args("grandmodel_service.server"), env, self.log) as proc:
             _wait_http(port, "/ready", proc)
-            served["health_c16"] = self.record(
-                "trivial GET /health c16", "service", self.load(port, "get_health", concurrency=16)
-            )
             served["json_batch256_c4"] = self.record(
                 "JSON batch 256 c4",
                 "service",
@@ -299,11 +296,24 @@ class Bench:
                 "service",
                 self.load(port, "batch_binary_1024", concurrency=4, samples=1024),
             )
-            for conc in (1, 4, 16):
+            for conc in (1, 4):
                 served[f"single_c{conc}"] = self.record(
                     f"single JSON c{conc}",
                     "service",
                     self.load(port, "single_json", concurrency=conc),
+                )
+            # The ceiling and the figure compared with it are measured back to back, twice,
+            # interleaved, best of each: other load on the machine only ever lowers a figure.
+            rounds: dict[str, list[dict[str, Any]]] = {"health_c16": [], "single_c16": []}
+            for _ in range(2):
+                rounds["health_c16"].append(self.load(port, "get_health", concurrency=16))
+                rounds["single_c16"].append(self.load(port, "single_json", concurrency=16))
+            for key, label in (
+                ("health_c16", "trivial GET /health c16"),
+                ("single_c16", "single JSON c16"),
+            ):
+                served[key] = self.record(
+                    label, "service", max(rounds[key], key=lambda r: r["rps"])
                 )
             served["open_loop_1000"] = self.record(
                 "single JSON open 1000/s",
