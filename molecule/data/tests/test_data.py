@@ -84,8 +84,8 @@ def test_pg_hba_allows_scram_only(host):
                if line.strip() and not line.startswith("#")}
     assert methods == {"peer", "scram-sha-256"}
     assert superuser(host, "SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL") == "0"
-    assert superuser(host, "SELECT count(*) FROM pg_authid WHERE rolname LIKE 'grandmodel_%' "
-                           "AND rolpassword NOT LIKE 'SCRAM-SHA-256$%'") == "0"
+    assert superuser(host, "SELECT count(*) FROM pg_authid WHERE (rolname LIKE 'grandmodel_%' OR rolname = "
+                           "'monitoring') AND rolpassword NOT LIKE 'SCRAM-SHA-256$%'") == "0"
 
 
 def test_application_role_reads_and_writes_its_schemas(host):
@@ -168,6 +168,39 @@ def test_pg_stat_statements_collects_queries(host):
     assert int(count) >= 1
 
 
+def monitoring_psql(host, sql: str, db: str = "postgres", hostname: str = "127.0.0.1", password: str | None = None):
+    """Run SQL as the exporter does: the monitoring login over TCP, sslmode=prefer."""
+    password = secret("postgresql_monitoring") if password is None else password
+    return host.run(f"PGPASSWORD={password} psql -X -w -At -v ON_ERROR_STOP=1 "
+                    f"'host={hostname} port=5432 dbname={db} user=monitoring sslmode=prefer' -c \"{sql}\"")
+
+
+def test_monitoring_login_reads_statistics_and_nothing_else(host, db_ip):
+    # The role: LOGIN, member of pg_monitor only, no attributes, 3 connections, SCRAM verifier.
+    assert superuser(host, "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, "
+                           "rolbypassrls, rolconnlimit FROM pg_roles WHERE rolname = 'monitoring'") == "t|f|f|f|f|f|3"
+    assert superuser(host, "SELECT string_agg(g.rolname, ',') FROM pg_auth_members m "
+                           "JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member "
+                           "WHERE u.rolname = 'monitoring'") == "pg_monitor"
+    # What the exporter reads, where it connects (loopback, database postgres).
+    assert monitoring_psql(host, "SELECT count(*) > 0 FROM pg_stat_database").stdout.strip() == "t"
+    assert monitoring_psql(host, "SELECT count(*) >= 0 FROM pg_stat_activity, pg_settings").rc == 0
+    psql(host, "SELECT count(*) FROM trading.trades WHERE symbol = 'MONITORED'")
+    statements = monitoring_psql(host, "SELECT count(*) FROM pg_stat_statements WHERE query LIKE '%MONITORED%' "
+                                       "OR query LIKE '%trading.trades WHERE symbol%'")
+    assert statements.rc == 0 and int(statements.stdout) >= 1, statements.stderr
+    # No writes, no application data: the application database refuses the connection outright.
+    create = monitoring_psql(host, "CREATE TABLE public.sneaky (id int)")
+    assert create.rc != 0 and "permission denied for schema public" in create.stderr
+    trades = monitoring_psql(host, "SELECT count(*) FROM trading.trades", db=DB)
+    assert trades.rc != 0 and f'permission denied for database "{DB}"' in trades.stderr
+    wrong = monitoring_psql(host, "SELECT 1", password="wrong-" + secrets.token_hex(8))
+    assert wrong.rc != 0 and 'password authentication failed for user "monitoring"' in wrong.stderr
+    # Loopback only: from the host's own network address pg_hba has no rule for it.
+    remote = monitoring_psql(host, "SELECT 1", hostname=db_ip)
+    assert remote.rc != 0 and f'no pg_hba.conf entry for host "{db_ip}", user "monitoring"' in remote.stderr
+
+
 # --- TimescaleDB (extension switched off: the vendor repository is unreachable here) -----------
 
 def test_timescaledb_repository_configured_but_disabled(host):
@@ -228,6 +261,27 @@ def test_redis_app_user_works_but_dangerous_commands_are_denied(host):
     dryrun = redis(host, "ACL DRYRUN grandmodel_app DEBUG SLEEP 0", user="grandmodel_admin")
     assert "no permissions to run the 'debug' command" in dryrun.stdout
     assert redis(host, "GET", "gm:probe").stdout.strip() == "42", "nothing was flushed"
+
+
+def test_redis_monitoring_user_reads_server_statistics_only(host):
+    def monitoring(command: str):
+        out = host.run(f"REDISCLI_AUTH={secret('redis_monitoring')} redis-cli --no-auth-warning --user monitoring "
+                       f"{command}")
+        return out.stdout + out.stderr
+
+    assert monitoring("PING").strip() == "PONG"
+    assert "redis_version:" in monitoring("INFO ALL")
+    # The rest of what redis_exporter sends with its default flags.
+    for command in ("CONFIG GET maxmemory", "SLOWLOG LEN", "SLOWLOG GET 1", "LATENCY LATEST", "CLIENT LIST",
+                    "DBSIZE", "MEMORY STATS", "SELECT 0"):
+        out = monitoring(command)
+        assert "NOPERM" not in out and "ERR" not in out, f"{command}: {out}"
+    # No keys, no writes, no administration.
+    for command in ("GET gm:probe", "SET gm:monitoring 1", "DEL gm:probe", "FLUSHALL", "FLUSHDB",
+                    "CONFIG SET maxmemory 1mb", "KEYS '*'", "SCAN 0", "ACL LIST", "SHUTDOWN NOSAVE"):
+        assert "NOPERM" in monitoring(command), command
+    assert redis(host, "CONFIG GET maxmemory", user="grandmodel_admin").stdout.split()[1] == str(16 * 1024 * 1024)
+    assert secret("redis_monitoring") not in host.file("/etc/redis/users.acl").content_string
 
 
 def test_redis_configuration_and_secrets_at_rest(host):
@@ -359,6 +413,10 @@ BAD_INPUTS = {
                           "must each be at least 12 characters"),
     "pg-bad-storage": ("postgresql", {**GOOD_PG, "postgresql_storage": "tape"},
                        "value of postgresql_storage must be one of: ssd, hdd, got: tape"),
+    "pg-short-monitoring-password": ("postgresql", {**GOOD_PG, "postgresql_monitoring_password": "short"},
+                                     "postgresql_monitoring_password must be at least 12 characters"),
+    "redis-monitoring-user-default": ("redis", {**GOOD_REDIS, "redis_monitoring_user": "default"},
+                                      "none may be 'default'"),
     "redis-missing-passwords": ("redis", {}, "missing required arguments: redis_admin_password, redis_app_password"),
     "redis-bad-policy": ("redis", {**GOOD_REDIS, "redis_maxmemory_policy": "evict-everything"},
                          "value of redis_maxmemory_policy must be one of"),
