@@ -48,6 +48,21 @@ class Stats:
     last: float = 0.0
 
 
+
+def _complete_message_length(buffer: bytearray) -> int | None:
+    """Length of the complete HTTP/1.1 message at the head of buffer, framed by Content-Length."""
+    header_end = buffer.find(b"\r\n\r\n")
+    if header_end < 0:
+        return None
+    header = bytes(buffer[:header_end]).lower()
+    at = header.find(b"content-length:")
+    length = 0
+    if at >= 0:
+        stop = header.find(b"\r\n", at)
+        length = int(header[at + 15 : stop if stop >= 0 else None])
+    total = header_end + 4 + length
+    return total if len(buffer) >= total else None
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection carrying one request at a time."""
 
@@ -78,20 +93,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
-        while True:
-            header_end = buffer.find(b"\r\n\r\n")
-            if header_end < 0:
-                return
-            header = bytes(buffer[:header_end]).lower()
-            at = header.find(b"content-length:")
-            if at < 0:
-                length = 0
-            else:
-                stop = header.find(b"\r\n", at)
-                length = int(header[at + 15 : stop if stop >= 0 else None])
-            total = header_end + 4 + length
-            if len(buffer) < total:
-                return
+        while (total := _complete_message_length(buffer)) is not None:
             status = int(buffer[9:12])
             del buffer[:total]
             self.busy = False
@@ -238,19 +240,7 @@ class _SinkProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
-        while True:
-            header_end = buffer.find(b"\r\n\r\n")
-            if header_end < 0:
-                return
-            header = bytes(buffer[:header_end]).lower()
-            at = header.find(b"content-length:")
-            length = 0
-            if at >= 0:
-                stop = header.find(b"\r\n", at)
-                length = int(header[at + 15 : stop if stop >= 0 else None])
-            total = header_end + 4 + length
-            if len(buffer) < total:
-                return
+        while (total := _complete_message_length(buffer)) is not None:
             del buffer[:total]
             assert self.transport is not None
             self.transport.write(self.RESPONSE)
