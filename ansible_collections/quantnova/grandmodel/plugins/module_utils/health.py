@@ -5,10 +5,18 @@
 
 A gate takes `count` measurements `interval` seconds apart (after `initial_delay`). Each measurement
 runs the selected checks; a check either passes, fails (the service answered wrongly) or errors (no
-answer could be had). A measurement is `failed` if any check failed, else `error` if any errored,
-else `successful`. The gate fails as soon as failed measurements exceed `failure_limit` or
-consecutive errored measurements exceed `consecutive_error_limit`, and passes as soon as neither can
-happen any more; unlike Argo, a gate with no successful measurement never passes.
+answer could be had, including an answer that did not come within the gate's own time budget). A
+measurement is `failed` if any check failed, else `error` if any errored, else `successful`.
+
+The gate fails as soon as failed measurements exceed `failure_limit` or consecutive errored
+measurements exceed `consecutive_error_limit`. Otherwise it takes every measurement and passes only
+if the LAST one is successful: errors or failures tolerated earlier in the window are forgiven when
+the service answers correctly afterwards, never when they are the window's final word (a colour that
+died or hung a moment before the end must not be promoted). A gate never passes early.
+
+Every measurement is bounded: its requests share `measurement_timeout` seconds, so a colour that
+accepts connections but never answers costs at most that long per measurement, and a whole gate at
+most initial_delay + count * (interval + measurement_timeout).
 """
 
 from __future__ import annotations
@@ -53,20 +61,26 @@ class CheckFailed(Exception):
 # -- verdicts ------------------------------------------------------------------------------------
 
 def decide(outcomes, count, failure_limit, consecutive_error_limit):
-    """Return (verdict, reason) for the measurement outcomes so far; verdict None while uncertain."""
+    """Return (verdict, reason) for the measurement outcomes so far; verdict None while more are needed.
+
+    Limits can fail a gate early; only the full window can pass it, and only when its last
+    measurement is successful.
+    """
     failed = outcomes.count(FAILED)
     successful = outcomes.count(SUCCESSFUL)
-    streak = trailing_errors(outcomes)
     if failed > failure_limit:
         return FAILED, "failure_limit"
-    if streak > consecutive_error_limit:
+    if max_consecutive(outcomes) > consecutive_error_limit:
         return FAILED, "consecutive_error_limit"
-    remaining = count - len(outcomes)
-    if remaining <= 0:
-        return (SUCCESSFUL, "completed") if successful else (FAILED, "no_successful_measurement")
-    if successful and failed + remaining <= failure_limit and streak + remaining <= consecutive_error_limit:
-        return SUCCESSFUL, "certain"
-    return None, None
+    if len(outcomes) < count:
+        return None, None
+    if not successful:
+        return FAILED, "no_successful_measurement"
+    if outcomes[-1] == ERROR:
+        return FAILED, "last_measurement_error"
+    if outcomes[-1] == FAILED:
+        return FAILED, "last_measurement_failed"
+    return SUCCESSFUL, "completed"
 
 
 def trailing_errors(outcomes):
@@ -123,26 +137,106 @@ def _unescape(value):
     return value.replace("\\\\", "\0").replace('\\"', '"').replace("\\n", "\n").replace("\0", "\\")
 
 
-def request_counts(text, exclude_routes=()):
-    """{(route, method, status): count} of grandmodel_http_requests_total, without the excluded routes."""
+LIVE_ROUTES = r"^/v1/models/[^/]+/predict$|^/api/[^/]+/process$"
+PROBE_ROUTES = ("/metrics", "/health", "/ready", "/version")
+START_TIME_METRIC = "process_start_time_seconds"
+
+
+def request_counts(text, exclude_routes=(), include=None):
+    """{(route, method, status): count} of grandmodel_http_requests_total for the live routes.
+
+    `include` is a compiled pattern the route must match (None: every route); `exclude_routes` are
+    left out whatever the pattern says.
+    """
     counts = {}
     for _name, labels, value in parse_prometheus(text, REQUESTS_METRIC):
-        if labels.get("route") in exclude_routes:
+        route = labels.get("route", "")
+        if route in exclude_routes or (include is not None and not include.search(route)):
             continue
-        key = (labels.get("route", ""), labels.get("method", ""), labels.get("status", ""))
+        key = (route, labels.get("method", ""), labels.get("status", ""))
         counts[key] = counts.get(key, 0.0) + value
     return counts
 
 
-def error_rate(first, last):
-    """(rate, 5xx delta, total delta) between two scrapes; a counter that went down was reset (restart)."""
+def start_time(text):
+    """The service process's start time (process_start_time_seconds), or None when it is not exported."""
+    samples = parse_prometheus(text, START_TIME_METRIC)
+    return samples[0][2] if samples else None
+
+
+def scrape_delta(before, now, restarted):
+    """(5xx, total) requests counted between two scrapes of one process (or since a restart).
+
+    After a restart every counter starts again from zero, so the new value is the whole delta, for
+    every series at once (one series passing its old value must not hide another's reset). A counter
+    that went down without a known restart is a reset too.
+    """
     errors = total = 0.0
-    for key, now in last.items():
-        before = first.get(key, 0.0)
-        delta = now - before if now >= before else now
+    for key, value in now.items():
+        previous = 0.0 if restarted else before.get(key, 0.0)
+        delta = value - previous if value >= previous else value
         total += delta
         if key[2].startswith("5"):
             errors += delta
+    return errors, total
+
+
+class ErrorRateWindow:
+    """The share of 5xx among live requests over a gate window, summed scrape by scrape.
+
+    Live requests are those of routes matching `routes` (the predict API) and not in `exclude_routes`;
+    the gate's own golden requests, which the service counts like any other, are taken out using the
+    gate's own tally of what it sent between two scrapes.
+    """
+
+    def __init__(self, routes=LIVE_ROUTES, exclude_routes=PROBE_ROUTES):
+        self.include = re.compile(routes) if routes else None
+        self.exclude_routes = tuple(exclude_routes or ())
+        self.previous = None
+        self.previous_start = None
+        self.errors = self.requests = 0.0
+        self.own_requests = self.own_errors = 0.0
+        self.restarts = 0
+        self.scrapes = 0
+
+    def add(self, text, own):
+        """Account for one scrape; `own` is {status: count} of the gate's own live requests since the last."""
+        counts = request_counts(text, self.exclude_routes, self.include)
+        started = start_time(text)
+        self.scrapes += 1
+        if self.previous is not None:
+            restarted = (started is not None and self.previous_start is not None
+                         and abs(started - self.previous_start) > 0.5)
+            restarted = restarted or any(value < self.previous.get(key, 0.0) for key, value in counts.items())
+            self.restarts += int(restarted)
+            errors, total = scrape_delta(self.previous, counts, restarted)
+            own_total = float(sum(own.values()))
+            own_errors = float(sum(n for status, n in own.items() if str(status).startswith("5")))
+            # After a restart the service may have lost some of the gate's requests: never below zero.
+            self.requests += max(0.0, total - own_total)
+            self.errors += max(0.0, errors - own_errors)
+            self.own_requests += own_total
+            self.own_errors += own_errors
+        self.previous, self.previous_start = counts, started
+        return self
+
+    @property
+    def rate(self):
+        return self.errors / self.requests if self.requests else 0.0
+
+    def as_dict(self, min_requests=None):
+        result = {"error_rate": round(self.rate, 6), "errors": self.errors, "requests": self.requests,
+                  "gate_requests_excluded": self.own_requests, "restarts_detected": self.restarts,
+                  "scrapes": self.scrapes}
+        if min_requests is not None:
+            result["min_requests"] = min_requests
+            result["inconclusive"] = self.requests < min_requests
+        return result
+
+
+def error_rate(first, last):
+    """(rate, 5xx delta, total delta) between two scrapes of the same process (see ErrorRateWindow)."""
+    errors, total = scrape_delta(first, last, False)
     return (errors / total if total else 0.0), errors, total
 
 
@@ -210,11 +304,15 @@ def _now_iso():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+INCONCLUSIVE_POLICIES = ("fail", "pass")
+
+
 class GateConfig:
     def __init__(self, url, *, interval=5.0, count=5, initial_delay=0.0, failure_limit=0, consecutive_error_limit=4,
                  checks=None, expected_version=None, expected_color=None, expected_models=None, manifests=(),
                  latency_quantile=0.99, latency_threshold_ms=None, error_rate_threshold=None,
-                 error_rate_exclude_routes=("/metrics",)):
+                 error_rate_routes=LIVE_ROUTES, error_rate_exclude_routes=PROBE_ROUTES, error_rate_min_requests=20,
+                 error_rate_inconclusive="fail", measurement_timeout=None, timeout=5.0):
         self.url = url
         self.interval = float(interval)
         self.count = int(count)
@@ -229,9 +327,15 @@ class GateConfig:
             self.expected_models.setdefault(manifest["name"], {"version": manifest["version"],
                                                                "sha256": manifest["sha256"]})
         self.latency_quantile = float(latency_quantile)
-        self.latency_threshold_ms = latency_threshold_ms
-        self.error_rate_threshold = error_rate_threshold
+        self.latency_threshold_ms = None if latency_threshold_ms is None else float(latency_threshold_ms)
+        self.error_rate_threshold = None if error_rate_threshold is None else float(error_rate_threshold)
+        self.error_rate_routes = error_rate_routes or ""
         self.error_rate_exclude_routes = tuple(error_rate_exclude_routes or ())
+        self.error_rate_min_requests = int(error_rate_min_requests)
+        self.error_rate_inconclusive = error_rate_inconclusive
+        self.timeout = float(timeout)
+        # A measurement's requests share this budget; by default two request timeouts.
+        self.measurement_timeout = 2 * self.timeout if measurement_timeout is None else float(measurement_timeout)
         self.checks = self._select(checks)
         self._validate()
 
@@ -264,12 +368,33 @@ class GateConfig:
         problems = []
         if self.count < 1:
             problems.append("count must be at least 1 (got %d)" % self.count)
-        if self.interval < 0 or self.initial_delay < 0:
-            problems.append("interval and initial_delay must not be negative")
+        for name in ("interval", "initial_delay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                problems.append("%s must be a finite number of seconds, 0 or more (got %s)" % (name, value))
+        for name in ("timeout", "measurement_timeout"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                problems.append("%s must be a finite number of seconds above 0 (got %s)" % (name, value))
         if self.failure_limit < 0 or self.consecutive_error_limit < 0:
             problems.append("failure_limit and consecutive_error_limit must not be negative")
         if not 0 < self.latency_quantile <= 1:
             problems.append("latency_quantile must be in (0, 1] (got %s)" % self.latency_quantile)
+        if self.latency_threshold_ms is not None and not (math.isfinite(self.latency_threshold_ms)
+                                                          and self.latency_threshold_ms > 0):
+            problems.append("latency_threshold_ms must be a finite number above 0 (got %s)" % self.latency_threshold_ms)
+        if self.error_rate_threshold is not None and not 0 <= self.error_rate_threshold <= 1:
+            problems.append("error_rate_threshold must be a fraction in [0, 1], e.g. 0.01 (got %s)"
+                            % self.error_rate_threshold)
+        if self.error_rate_min_requests < 0:
+            problems.append("error_rate_min_requests must not be negative (got %d)" % self.error_rate_min_requests)
+        if self.error_rate_inconclusive not in INCONCLUSIVE_POLICIES:
+            problems.append("error_rate_inconclusive must be one of %s (got %r)"
+                            % (", ".join(INCONCLUSIVE_POLICIES), self.error_rate_inconclusive))
+        try:
+            re.compile(self.error_rate_routes)
+        except re.error as exc:
+            problems.append("error_rate_routes %r is not a regular expression: %s" % (self.error_rate_routes, exc))
         if not self.url.startswith(("http://", "https://")):
             problems.append("url must start with http:// or https:// (got %r)" % self.url)
         if problems:
@@ -279,17 +404,26 @@ class GateConfig:
 class HealthGate:
     def __init__(self, config, client=None, sleep=time.sleep, clock=time.monotonic):
         self.config = config
-        self.client = client or HttpClient()
+        self.client = client or HttpClient(timeout=config.timeout)
         self.sleep = sleep
         self.clock = clock
-        self.first_scrape = None
+        self.window = ErrorRateWindow(config.error_rate_routes, config.error_rate_exclude_routes)
+        self.own_since_scrape = {}
         self.last_window = None
         self.latencies_ms = []
 
-    # checks: each returns (value, threshold, message) or raises CheckFailed / CheckError
-    def _get(self, path):
+    # every request of a measurement shares the measurement's budget
+    def _budget(self, state, what):
+        remaining = state["deadline"] - self.clock()
+        if remaining <= 0:
+            raise CheckError("%s not attempted: the measurement used up its budget of %gs (measurement_timeout)"
+                             % (what, self.config.measurement_timeout))
+        return min(self.client.timeout, remaining)
+
+    def _get(self, path, state):
+        what = "GET %s" % path
         try:
-            return self.client.get(join_url(self.config.url, path))
+            return self.client.get(join_url(self.config.url, path), timeout=self._budget(state, what))
         except HttpProbeError as exc:
             raise CheckError(str(exc)) from exc
 
@@ -299,23 +433,24 @@ class HealthGate:
         except ValueError as exc:
             raise CheckFailed(str(exc)) from exc
 
+    # checks: each returns (value, threshold, message) or raises CheckFailed / CheckError
     def check_health(self, state):
-        response = self._get("/health")
+        response = self._get("/health", state)
         state["health_ms"].append(response.elapsed * 1000.0)
         if response.status != 200:
             raise CheckFailed("GET /health answered %d: %s" % (response.status, response.text()[:200]),
                               value=response.status)
         return 200, 200, "alive"
 
-    def check_ready(self, _state):
-        response = self._get("/ready")
+    def check_ready(self, state):
+        response = self._get("/ready", state)
         if response.status != 200:
             body = response.text()[:300]
             raise CheckFailed("GET /ready answered %d: %s" % (response.status, body), value=response.status)
         return 200, 200, "ready"
 
-    def check_version(self, _state):
-        response = self._get("/version")
+    def check_version(self, state):
+        response = self._get("/version", state)
         if response.status != 200:
             raise CheckFailed("GET /version answered %d" % response.status, value=response.status)
         body = self._json(response)
@@ -354,10 +489,14 @@ class HealthGate:
             name = manifest["name"]
             url = join_url(self.config.url, "/v1/models/%s/predict" % name)
             for number, sample in enumerate(manifest["samples"]):
+                timeout = self._budget(state, "POST %s" % url)
                 try:
-                    response = self.client.post_json(url, {"inputs": sample["input"]})
+                    response = self.client.post_json(url, {"inputs": sample["input"]}, timeout=timeout)
                 except HttpProbeError as exc:
                     raise CheckError(str(exc)) from exc
+                # The service counts the gate's own predictions as traffic: the error rate takes them out.
+                key = str(response.status)
+                self.own_since_scrape[key] = self.own_since_scrape.get(key, 0) + 1
                 state["predict_ms"].append(response.elapsed * 1000.0)
                 if response.status != 200:
                     raise CheckFailed("golden check on %s: POST %s answered %d: %s"
@@ -383,24 +522,32 @@ class HealthGate:
                               % (label, value, len(probes), cfg.latency_threshold_ms), value=round(value, 3))
         return round(value, 3), cfg.latency_threshold_ms, "%s %.1f ms" % (label, value)
 
-    def check_error_rate(self, _state):
-        response = self._get("/metrics")
+    def check_error_rate(self, state):
+        cfg = self.config
+        response = self._get("/metrics", state)
         if response.status != 200:
             raise CheckFailed("GET /metrics answered %d" % response.status, value=response.status)
-        counts = request_counts(response.text(), self.config.error_rate_exclude_routes)
-        if self.first_scrape is None:
-            self.first_scrape = counts
-        rate, errors, total = error_rate(self.first_scrape, counts)
-        self.last_window = {"error_rate": rate, "errors": errors, "requests": total}
-        threshold = self.config.error_rate_threshold
+        own, self.own_since_scrape = self.own_since_scrape, {}
+        window = self.window.add(response.text(), own)
+        self.last_window = window.as_dict(cfg.error_rate_min_requests)
+        threshold = cfg.error_rate_threshold
+        # Fewer live requests than the minimum: judge as if the missing ones had all succeeded, so a
+        # burst of 5xx fails at once while a quiet window stays inconclusive rather than perfect.
+        rate = window.errors / max(window.requests, cfg.error_rate_min_requests, 1)
+        seen = "%d of %d live requests answered 5xx in the window" % (window.errors, window.requests)
+        if window.restarts:
+            seen += " (%d restart(s) of the service counted from zero)" % window.restarts
         if rate > threshold:
-            raise CheckFailed("error_rate check: %.4f (%d of %d requests answered 5xx since the first scrape) "
-                              "exceeds %g" % (rate, errors, total, threshold), value=round(rate, 6))
-        return round(rate, 6), threshold, "%d of %d requests 5xx in the window" % (errors, total)
+            raise CheckFailed("error_rate check: %.4f (%s) exceeds %g" % (rate, seen, threshold),
+                              value=round(rate, 6))
+        if window.requests < cfg.error_rate_min_requests:
+            return None, threshold, "inconclusive so far: %s, fewer than error_rate_min_requests %d" % (
+                seen, cfg.error_rate_min_requests)
+        return round(window.rate, 6), threshold, seen
 
     # measurements
     def measure(self):
-        state = {"predict_ms": [], "health_ms": []}
+        state = {"predict_ms": [], "health_ms": [], "deadline": self.clock() + self.config.measurement_timeout}
         results = {}
         for name in self.config.checks:
             check = getattr(self, "check_" + name)
@@ -431,6 +578,9 @@ class HealthGate:
             measurements.append(measurement)
             outcomes.append(measurement["phase"])
             verdict, reason = decide(outcomes, cfg.count, cfg.failure_limit, cfg.consecutive_error_limit)
+        if verdict == SUCCESSFUL and self.last_window is not None and self.last_window["inconclusive"] \
+                and cfg.error_rate_inconclusive == "fail":
+            verdict, reason = FAILED, "error_rate_inconclusive"
         summary = self.summarize(measurements, outcomes, verdict, reason, self.clock() - started)
         result = {"passed": verdict == SUCCESSFUL, "measurements": measurements, "summary": summary}
         if verdict != SUCCESSFUL:
@@ -443,6 +593,8 @@ class HealthGate:
         summary = {
             "url": cfg.url, "checks": cfg.checks, "verdict": "passed" if verdict == SUCCESSFUL else "failed",
             "reason": reason, "measurements": taken, "count": cfg.count, "stopped_early": taken < cfg.count,
+            "last_measurement": outcomes[-1] if outcomes else None,
+            "measurement_timeout": cfg.measurement_timeout,
             "successful": outcomes.count(SUCCESSFUL), "failed": outcomes.count(FAILED),
             "errors": outcomes.count(ERROR), "consecutive_errors_max": max_consecutive(outcomes),
             "failure_limit": cfg.failure_limit, "consecutive_error_limit": cfg.consecutive_error_limit,
@@ -458,9 +610,19 @@ class HealthGate:
 
     def _message(self, measurements, reason, summary):
         taken = summary["measurements"]
-        if reason in ("certain", "completed"):
-            return "health gate passed: %d of %d measurements successful (%d failed, failure_limit %d)" % (
-                summary["successful"], taken, summary["failed"], summary["failure_limit"])
+        if reason == "completed":
+            message = "health gate passed: %d of %d measurements successful, the last one included (%d failed, " \
+                      "failure_limit %d)" % (summary["successful"], taken, summary["failed"], summary["failure_limit"])
+            window = summary.get("error_rate")
+            if window and window.get("inconclusive"):
+                message += "; error rate inconclusive (%d live requests, fewer than %d) and passed because " \
+                           "error_rate_inconclusive=pass" % (window["requests"], window["min_requests"])
+            return message
+        if reason == "error_rate_inconclusive":
+            window = summary["error_rate"]
+            return "health gate failed: error rate inconclusive: only %d live requests reached the service in the " \
+                   "window, fewer than error_rate_min_requests %d (error_rate_inconclusive=fail)" % (
+                       window["requests"], window["min_requests"])
         if reason == "consecutive_error_limit":
             last = _first_problem(measurements[-1], errors=True)
             return "health gate failed: %d consecutive measurements could not be made (consecutive_error_limit %d); " \
@@ -468,6 +630,12 @@ class HealthGate:
         if reason == "no_successful_measurement":
             last = _first_problem(measurements[-1], errors=True) or _first_problem(measurements[-1])
             return "health gate failed: none of %d measurements was successful; last: %s" % (taken, last)
+        if reason == "last_measurement_error":
+            return "health gate failed: the last of %d measurements could not be made, so the service is not known " \
+                   "to answer at the end of the window: %s" % (taken, _first_problem(measurements[-1], errors=True))
+        if reason == "last_measurement_failed":
+            return "health gate failed: the last of %d measurements failed: %s" % (
+                taken, _first_problem(measurements[-1]))
         # failure_limit: name the check that failed most often, with its latest message
         per_check = {}
         for measurement in measurements:

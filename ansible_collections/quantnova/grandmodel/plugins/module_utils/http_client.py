@@ -5,11 +5,14 @@
 
 Modules run on target hosts with the standard library only. Probes go straight to the service
 (never through an environment proxy) and an HTTP error status is an answer, not an exception:
-only a request that could not be made at all (refused, timed out, TLS failure) raises.
+only a request that could not be made or whose answer could not be read (refused, timed out, TLS
+failure, a connection closed mid-answer, a malformed status line) raises, and always as
+HttpProbeError, so a caller handles one exception type for every way a probe can go wrong.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import ssl
@@ -97,6 +100,11 @@ class HttpClient:
             raise HttpProbeError("%s %s failed: %s" % (method, url, _reason(exc.reason))) from exc
         except (socket.timeout, TimeoutError) as exc:
             raise HttpProbeError("%s %s timed out after %.1fs" % (method, url, timeout or self.timeout)) from exc
+        except http.client.HTTPException as exc:
+            # IncompleteRead (closed mid-body), BadStatusLine/RemoteDisconnected (no or garbage status
+            # line), LineTooLong, ...: the service did not give a usable answer.
+            raise HttpProbeError("%s %s failed: the answer could not be read (%s: %s)"
+                                 % (method, url, type(exc).__name__, exc or "no detail")) from exc
         except (OSError, ValueError) as exc:
             # ValueError: malformed URL; OSError: connection reset, TLS errors while reading, ...
             raise HttpProbeError("%s %s failed: %s" % (method, url, _reason(exc))) from exc

@@ -15,8 +15,13 @@ description:
   - A check fails when the service answers wrongly and errors when no answer could be had (refused, timed out).
     A measurement is C(failed) if any check failed, else C(error) if any check errored, else C(successful).
   - The gate fails as soon as more than O(failure_limit) measurements failed or more than O(consecutive_error_limit)
-    consecutive measurements errored; it passes as soon as neither can happen any more. A gate without a single
-    successful measurement never passes.
+    consecutive measurements errored. Otherwise it takes all O(count) measurements and passes only when the
+    B(last) one is successful; failures and errors tolerated earlier in the window are forgiven only if the
+    service answers correctly afterwards. A gate never passes early, and never without a successful measurement.
+  - A measurement that gets no answer in time is an error, not a pass: all requests of one measurement share
+    O(measurement_timeout) seconds, so a service that accepts connections but never answers (hung, stopped)
+    costs at most that long per measurement, and the whole gate at most
+    O(initial_delay) + O(count) * (O(interval) + O(measurement_timeout)) seconds.
   - On failure the module fails with a message naming the check, the value and the threshold, and returns the same
     evidence (RV(measurements), RV(summary)) as on success.
 author:
@@ -69,8 +74,9 @@ options:
         probabilities and value within the manifest's C(atol) and the action exactly.
       - V(latency) compares the O(latency_quantile) of the gate's own predict (golden) requests in the measurement,
         or of its C(/health) requests without golden samples, with O(latency_threshold_ms).
-      - V(error_rate) scrapes C(/metrics) and compares the share of 5xx answers in C(grandmodel_http_requests_total)
-        since the gate's first scrape with O(error_rate_threshold).
+      - V(error_rate) scrapes C(/metrics) in every measurement and compares the share of 5xx answers among the
+        B(live) requests counted in C(grandmodel_http_requests_total) since the gate's first scrape with
+        O(error_rate_threshold). See the notes for how the window is summed and what counts as live.
     type: list
     elements: str
     choices: [health, ready, version, golden, latency, error_rate]
@@ -101,15 +107,49 @@ options:
   error_rate_threshold:
     description: Highest acceptable fraction of 5xx answers, for example V(0.01); configures the V(error_rate) check.
     type: float
+  error_rate_routes:
+    description:
+      - Regular expression (Python C(re.search)) a C(route) label must match to count as live traffic.
+      - The default counts the predict API and its alias, the routes clients use.
+    type: str
+    default: ^/v1/models/[^/]+/predict$|^/api/[^/]+/process$
   error_rate_exclude_routes:
     description:
-      - Values of the C(route) label left out of the error rate; the default leaves out the gate's own scrapes.
+      - Values of the C(route) label never counted, whatever O(error_rate_routes) says; the default names the
+        gate's own probe routes.
     type: list
     elements: str
-    default: [/metrics]
+    default: [/metrics, /health, /ready, /version]
+  error_rate_min_requests:
+    description:
+      - Live requests (without the gate's own) the window needs before its error rate means anything.
+      - Below it the error rate is B(inconclusive) and O(error_rate_inconclusive) decides; meanwhile the rate is
+        computed as if the missing requests had all succeeded, so a burst of 5xx still fails at once.
+    type: int
+    default: 20
+  error_rate_inconclusive:
+    description:
+      - What a window with fewer than O(error_rate_min_requests) live requests means at the end of the gate.
+      - V(fail) (the default) fails the gate; V(pass) passes it and says so in RV(summary.message).
+    type: str
+    choices: [fail, pass]
+    default: fail
+  measurement_timeout:
+    description:
+      - Seconds all requests of one measurement may take together; a request gets at most what is left (and at
+        most O(timeout)), and checks that find nothing left count as errors.
+      - Defaults to twice O(timeout).
+    type: float
 notes:
-  - The error rate is computed between the first and the latest scrape of the gate window; a counter that went down
-    (the service restarted) is counted from zero. With no requests in the window the error rate is 0.
+  - "The error rate is summed scrape by scrape: for every pair of successive scrapes the increase of each series of
+    C(grandmodel_http_requests_total) is added up. A service restart is detected from
+    C(process_start_time_seconds) (or from any counter going down), and then every series of that scrape counts
+    from zero, so one series passing its old value cannot hide another's reset."
+  - Only live routes count (O(error_rate_routes) without O(error_rate_exclude_routes)); the gate's probes of
+    C(/health), C(/ready), C(/version) and C(/metrics) never dilute the rate, and its own golden predict requests,
+    which the service counts like client requests, are subtracted using the gate's tally of what it sent and what
+    came back between two scrapes.
+  - With no or too little live traffic the error rate is not 0 but inconclusive (see O(error_rate_min_requests)).
 seealso:
   - module: quantnova.grandmodel.traffic_switch
   - name: Argo Rollouts analysis
@@ -141,6 +181,8 @@ EXAMPLES = r"""
     failure_limit: 1
     checks: [health, ready, error_rate]
     error_rate_threshold: 0.01
+    error_rate_min_requests: 50
+    error_rate_inconclusive: fail
 """
 
 RETURN = r"""
@@ -184,8 +226,8 @@ summary:
       type: str
     reason:
       description:
-        - V(completed) or V(certain) (passed early), V(failure_limit), V(consecutive_error_limit) or
-          V(no_successful_measurement).
+        - V(completed) (passed), V(failure_limit), V(consecutive_error_limit), V(no_successful_measurement),
+          V(last_measurement_error), V(last_measurement_failed) or V(error_rate_inconclusive).
       type: str
     message:
       description: One sentence naming the check, the value and the threshold.
@@ -194,8 +236,14 @@ summary:
       description: Measurements taken.
       type: int
     stopped_early:
-      description: Whether the verdict came before O(count) measurements.
+      description: Whether the verdict (always a failure) came before O(count) measurements.
       type: bool
+    last_measurement:
+      description: Outcome of the last measurement (V(successful), V(failed) or V(error)); a pass needs V(successful).
+      type: str
+    measurement_timeout:
+      description: Seconds each measurement's requests could take together.
+      type: float
     successful:
       description: Successful measurements.
       type: int
@@ -209,7 +257,10 @@ summary:
       description: Longest run of errored measurements.
       type: int
     error_rate:
-      description: Error rate, 5xx and total requests over the whole window (with the V(error_rate) check).
+      description:
+        - With the V(error_rate) check, over the whole window, C(error_rate), C(errors) (5xx) and C(requests)
+          (live requests without the gate's own), C(gate_requests_excluded), C(restarts_detected), C(scrapes),
+          C(min_requests) and C(inconclusive).
       type: dict
     latency_ms:
       description: Latency quantile over all of the gate's probes (with the V(latency) check).
@@ -220,7 +271,7 @@ summary:
   sample:
     verdict: passed
     reason: completed
-    message: "health gate passed: 5 of 5 measurements successful (0 failed, failure_limit 0)"
+    message: "health gate passed: 5 of 5 measurements successful, the last one included (0 failed, failure_limit 0)"
     measurements: 5
     successful: 5
     failed: 0
@@ -230,6 +281,8 @@ summary:
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.health import (
     CHECKS,
+    LIVE_ROUTES,
+    PROBE_ROUTES,
     GateConfig,
     HealthGate,
     HealthGateError,
@@ -255,7 +308,11 @@ def argument_spec():
         latency_quantile=dict(type="float", default=0.99),
         latency_threshold_ms=dict(type="float"),
         error_rate_threshold=dict(type="float"),
-        error_rate_exclude_routes=dict(type="list", elements="str", default=["/metrics"]),
+        error_rate_routes=dict(type="str", default=LIVE_ROUTES),
+        error_rate_exclude_routes=dict(type="list", elements="str", default=list(PROBE_ROUTES)),
+        error_rate_min_requests=dict(type="int", default=20),
+        error_rate_inconclusive=dict(type="str", choices=["fail", "pass"], default="fail"),
+        measurement_timeout=dict(type="float"),
     )
     return spec
 
@@ -269,7 +326,11 @@ def run_gate(params):
         manifests=[load_manifest(path) for path in params["manifests"]],
         latency_quantile=params["latency_quantile"], latency_threshold_ms=params["latency_threshold_ms"],
         error_rate_threshold=params["error_rate_threshold"],
+        error_rate_routes=params["error_rate_routes"],
         error_rate_exclude_routes=params["error_rate_exclude_routes"],
+        error_rate_min_requests=params["error_rate_min_requests"],
+        error_rate_inconclusive=params["error_rate_inconclusive"],
+        measurement_timeout=params["measurement_timeout"], timeout=params["timeout"],
     )
     client = HttpClient(timeout=params["timeout"], validate_certs=params["validate_certs"],
                         headers=params["headers"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.health import
     ERROR,
     FAILED,
     SUCCESSFUL,
+    ErrorRateWindow,
     GateConfig,
     HealthGateError,
     compare_golden,
@@ -42,22 +45,74 @@ S, F, E = SUCCESSFUL, FAILED, ERROR
     ([F, F, S, S, S], 5, 2, 4, S, "completed"),
     # consecutive errors: only an unbroken run counts
     ([E, E], 5, 0, 1, F, "consecutive_error_limit"),
-    ([E, S, E, S, E], 5, 0, 1, S, "completed"),
+    ([E, S, E, S, S], 5, 0, 1, S, "completed"),
     ([S, E, E, E, E, E], 6, 0, 4, F, "consecutive_error_limit"),
     ([E, E, E], 3, 0, 4, F, "no_successful_measurement"),
     ([E], 1, 0, 0, F, "consecutive_error_limit"),
     # errors are not failures
     ([E, S, S], 3, 0, 4, S, "completed"),
-    # a pass is certain early when no remaining measurement could change it
-    ([S], 5, 4, 4, S, "certain"),
-    ([S], 5, 3, 4, None, None),
-    ([S, F], 3, 2, 4, S, "certain"),
-    ([F, F], 3, 2, 4, None, None),
-    ([S], 3, 5, 1, None, None),
+    # a gate never passes early, whatever the limits: the window's end could still be an error
+    ([S], 5, 4, 4, None, None),
+    ([S, F], 3, 2, 4, None, None),
+    ([S, S, S, S], 5, 9, 9, None, None),
 ])
 def test_decide(outcomes: list[str], count: int, failure_limit: int, error_limit: int,
                 verdict: str | None, reason: str | None) -> None:
     assert decide(outcomes, count, failure_limit, error_limit) == (verdict, reason)
+
+
+# Where errors sit in a full window of 8 measurements, with the limits of the post-promotion gate
+# (failure_limit 0, consecutive_error_limit 2) and with generous ones (4, 4) where the old verdict
+# passed trailing errors: first, middle, last, the last two, all.
+WINDOW = 8
+
+
+def window(errors_at: set[int], kind: str = E) -> list[str]:
+    return [kind if index in errors_at else S for index in range(WINDOW)]
+
+
+@pytest.mark.parametrize(("where", "outcomes", "error_limit", "verdict", "reason"), [
+    ("first", window({0}), 2, S, "completed"),
+    ("first two", window({0, 1}), 2, S, "completed"),
+    ("middle", window({3}), 2, S, "completed"),
+    ("middle run at the limit", window({3, 4}), 2, S, "completed"),
+    ("middle run over the limit", window({3, 4, 5}), 2, F, "consecutive_error_limit"),
+    ("last", window({7}), 2, F, "last_measurement_error"),
+    ("last two", window({6, 7}), 2, F, "last_measurement_error"),
+    ("last, generous limit", window({7}), 4, F, "last_measurement_error"),
+    ("last two, generous limit", window({6, 7}), 4, F, "last_measurement_error"),
+    ("last four, generous limit", window({4, 5, 6, 7}), 4, F, "last_measurement_error"),
+    ("first and last", window({0, 7}), 4, F, "last_measurement_error"),
+    ("all", window(set(range(WINDOW))), 8, F, "no_successful_measurement"),
+    ("all but the last", window(set(range(WINDOW - 1))), 8, S, "completed"),
+])
+def test_decide_errors_anywhere_in_the_window(where: str, outcomes: list[str], error_limit: int,
+                                              verdict: str, reason: str) -> None:
+    assert decide(outcomes, WINDOW, 0, error_limit) == (verdict, reason), where
+
+
+@pytest.mark.parametrize(("where", "outcomes", "failure_limit", "verdict", "reason"), [
+    ("first", window({0}, F), 1, S, "completed"),
+    ("middle", window({4}, F), 1, S, "completed"),
+    ("last", window({7}, F), 1, F, "last_measurement_failed"),
+    ("last, generous limit", window({7}, F), 5, F, "last_measurement_failed"),
+    ("first and last, over the limit", window({0, 7}, F), 1, F, "failure_limit"),
+    ("all", window(set(range(WINDOW)), F), 8, F, "no_successful_measurement"),
+])
+def test_decide_failures_anywhere_in_the_window(where: str, outcomes: list[str], failure_limit: int,
+                                                verdict: str, reason: str) -> None:
+    assert decide(outcomes, WINDOW, failure_limit, 8) == (verdict, reason), where
+
+
+def test_decide_stops_at_the_first_measurement_that_breaks_a_limit() -> None:
+    """Walk a window measurement by measurement: the verdict comes only at the end or on a broken limit."""
+    outcomes: list[str] = []
+    verdicts = []
+    for outcome in [S, E, S, E, E, E, S, S]:
+        outcomes.append(outcome)
+        verdicts.append(decide(outcomes, WINDOW, 0, 2))
+    assert verdicts[:5] == [(None, None)] * 5
+    assert verdicts[5] == (F, "consecutive_error_limit")
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -109,6 +164,56 @@ def test_error_rate_is_a_delta_over_the_window(first: dict[Any, float], last: di
     assert (round(rate, 6), errors, total) == expected
 
 
+def exposition(counts: dict[tuple[str, str, str], float], started: float | None = 1_700_000_000.0) -> str:
+    lines = ["# TYPE grandmodel_http_requests_total counter"]
+    for (route, method, status), value in counts.items():
+        lines.append(f'grandmodel_http_requests_total{{route="{route}",method="{method}",status="{status}"}} {value}')
+    if started is not None:
+        lines.append(f"process_start_time_seconds {started}")
+    return "\n".join(lines) + "\n"
+
+
+LIVE = ("/v1/models/strategic/predict", "POST", "200")
+LIVE5 = ("/v1/models/strategic/predict", "POST", "500")
+ALIAS5 = ("/api/tactical/process", "POST", "503")
+
+
+def test_a_restart_is_counted_from_zero_for_every_series_even_one_that_passed_its_old_value() -> None:
+    # The issue's numbers: before {200: 100, 500: 50}; after a restart {200: 1000, 500: 60}. Per-series
+    # reset detection saw no reset (both went up) and reported 10 of 910 (1.1%); the truth is 60 of 1060.
+    window = ErrorRateWindow()
+    window.add(exposition({LIVE: 100.0, LIVE5: 50.0}, started=1000.0), {})
+    window.add(exposition({LIVE: 1000.0, LIVE5: 60.0}, started=2000.0), {})
+    assert (window.errors, window.requests, window.restarts) == (60.0, 1060.0, 1)
+    assert round(window.rate, 4) == 0.0566
+    # The same scrapes from one process (same start time): only the increase counts.
+    same = ErrorRateWindow()
+    same.add(exposition({LIVE: 100.0, LIVE5: 50.0}, started=1000.0), {})
+    same.add(exposition({LIVE: 1000.0, LIVE5: 60.0}, started=1000.0), {})
+    assert (same.errors, same.requests, same.restarts) == (10.0, 910.0, 0)
+
+
+def test_deltas_are_summed_scrape_by_scrape_across_a_restart_without_start_time() -> None:
+    window = ErrorRateWindow()
+    window.add(exposition({LIVE: 1000.0, LIVE5: 50.0}, started=None), {})
+    window.add(exposition({LIVE: 1090.0, LIVE5: 60.0}, started=None), {})   # +90 ok, +10 errors
+    window.add(exposition({LIVE: 30.0, LIVE5: 70.0}, started=None), {})     # restart: 200 went down
+    window.add(exposition({LIVE: 60.0, LIVE5: 70.0}, started=None), {})     # +30 ok
+    assert (window.errors, window.requests, window.restarts) == (80.0, 230.0, 1)
+
+
+def test_probes_and_the_gates_own_requests_do_not_dilute_the_rate() -> None:
+    probes = {("/health", "GET", "200"): 500.0, ("/ready", "GET", "200"): 500.0, ("/metrics", "GET", "200"): 9.0,
+              ("/version", "GET", "200"): 500.0, ("/admin/drain", "POST", "500"): 3.0}
+    window = ErrorRateWindow()
+    window.add(exposition({**probes, LIVE: 0.0}), {})
+    # Between the scrapes: 10 client requests (5 failed on the alias route) and the gate's own 6 golden 200s.
+    later = {key: value + 100.0 for key, value in probes.items()}
+    window.add(exposition({**later, LIVE: 11.0, ALIAS5: 5.0}), {"200": 6})
+    assert (window.errors, window.requests, window.own_requests) == (5.0, 10.0, 6.0)
+    assert window.rate == 0.5
+
+
 @pytest.mark.parametrize(("values", "q", "expected"), [
     ([], 0.99, None),
     ([5.0], 0.99, 5.0),
@@ -158,6 +263,15 @@ def test_compare_golden(response: dict[str, Any], atol: float, problem: str | No
     ({"checks": ["bogus"]}, "unknown check(s) bogus"),
     ({"count": 0}, "count must be at least 1"),
     ({"latency_quantile": 1.5}, "latency_quantile must be in (0, 1]"),
+    ({"interval": -1.0}, "interval must be a finite number of seconds, 0 or more (got -1.0)"),
+    ({"initial_delay": float("nan")}, "initial_delay must be a finite number"),
+    ({"measurement_timeout": 0}, "measurement_timeout must be a finite number of seconds above 0"),
+    ({"timeout": float("inf")}, "timeout must be a finite number of seconds above 0 (got inf)"),
+    ({"error_rate_threshold": 1.5}, "error_rate_threshold must be a fraction in [0, 1]"),
+    ({"error_rate_threshold": 0.01, "error_rate_min_requests": -1}, "error_rate_min_requests must not be negative"),
+    ({"error_rate_threshold": 0.01, "error_rate_inconclusive": "maybe"}, "error_rate_inconclusive must be one of"),
+    ({"error_rate_routes": "(unclosed"}, "error_rate_routes '(unclosed' is not a regular expression"),
+    ({"latency_threshold_ms": -5}, "latency_threshold_ms must be a finite number above 0"),
 ])
 def test_gate_config_refuses_what_cannot_be_checked(kwargs: dict[str, Any], problem: str) -> None:
     with pytest.raises(HealthGateError) as info:
@@ -196,6 +310,8 @@ class FakeService:
         self.health_status = 200
         self.predict_status = 200
         self.skew = 0.0  # added to probability[2] of every prediction
+        self.started = 1_700_000_000.0  # process_start_time_seconds
+        self.live_per_scrape = 0  # client predictions (200) the service serves between two scrapes
         self.counts: dict[tuple[str, str, str], int] = {}
         self.lock = threading.Lock()
         name = manifest["name"]
@@ -221,8 +337,16 @@ class FakeService:
             key = (route, method, str(status))
             self.counts[key] = self.counts.get(key, 0) + n
 
+    def restart(self) -> None:
+        """The process restarted: every counter from zero, a new start time."""
+        with self.lock:
+            self.counts.clear()
+            self.started += 60.0
+
     def metrics(self) -> str:
-        lines = ["# TYPE grandmodel_http_requests_total counter"]
+        if self.live_per_scrape:
+            self.record(f"/v1/models/{self.manifest['name']}/predict", "POST", 200, self.live_per_scrape)
+        lines = ["# TYPE grandmodel_http_requests_total counter", f"process_start_time_seconds {self.started}"]
         with self.lock:
             for (route, method, status), n in sorted(self.counts.items()):
                 labels = f'route="{route}",method="{method}",status="{status}"'
@@ -263,6 +387,7 @@ def gate_args(svc: FakeService, manifest: Path, **extra: Any) -> dict[str, Any]:
 def test_healthy_service_passes_every_check(service: tuple[FakeService, Path],
                                             capsys: pytest.CaptureFixture[str]) -> None:
     svc, manifest = service
+    svc.live_per_scrape = 15
     result = run_module(health_gate.main, gate_args(svc, manifest), capsys, check_mode=True)
     assert not result.get("failed"), result
     assert result["changed"] is False
@@ -275,9 +400,12 @@ def test_healthy_service_passes_every_check(service: tuple[FakeService, Path],
     assert all(c["ok"] for c in checks.values())
     assert checks["golden"]["value"] == 2
     assert checks["version"]["value"]["models"]["strategic"]["version"] == "2025.06.01"
-    # The gate's own predict requests are traffic (200s); its scrapes are left out.
+    # Exactly the client requests count: the gate's own golden predictions (2 per measurement, counted by the
+    # service on the same route) and its probes are left out. The first scrape is the baseline.
     assert summary["error_rate"]["error_rate"] == 0.0
-    assert summary["error_rate"]["requests"] > 0
+    assert summary["error_rate"]["requests"] == 2 * 15
+    assert summary["error_rate"]["gate_requests_excluded"] == 2 * 2
+    assert summary["error_rate"]["inconclusive"] is False
     assert summary["latency_ms"]["samples"] == 6
     assert len([r for r in svc.server.requests if r[1] == "/v1/models/strategic/predict"]) == 6
 
@@ -332,7 +460,7 @@ def test_service_slower_than_the_timeout_counts_as_errors(service: tuple[FakeSer
 @pytest.mark.parametrize(("fault", "expected"), [
     ("health_500", "health check: GET /health answered 500"),
     ("predict_503", "golden check on strategic: POST http://"),
-    ("live_5xx", "error_rate check: 0.5000 (10 of 20 requests answered 5xx since the first scrape) exceeds 0.01"),
+    ("live_5xx", "error_rate check: 0.5000 (10 of 20 live requests answered 5xx in the window) exceeds 0.01"),
 ])
 def test_5xx_answers_fail_the_gate(service: tuple[FakeService, Path], capsys: pytest.CaptureFixture[str],
                                    fault: str, expected: str) -> None:
@@ -376,3 +504,147 @@ def test_manifest_problems_are_reported_with_the_path(tmp_path: Path, capsys: py
                         capsys)
     assert result["failed"] is True
     assert "cannot read model manifest" in result["msg"] and "none.json" in result["msg"]
+
+
+# -- the promises under faults: dead or hung at the end, restarts, quiet windows, broken answers ----------
+
+def test_no_live_traffic_is_inconclusive_and_fails_unless_told_otherwise(
+        service: tuple[FakeService, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    svc, manifest = service
+    result = run_module(health_gate.main, gate_args(svc, manifest), capsys)
+    assert result["failed"] is True and result["summary"]["reason"] == "error_rate_inconclusive"
+    assert result["msg"] == ("health gate failed: error rate inconclusive: only 0 live requests reached the service in "
+                             "the window, fewer than error_rate_min_requests 20 (error_rate_inconclusive=fail)")
+    # Every measurement was fine on its own: inconclusive is the window's verdict, not a failed check.
+    assert [m["phase"] for m in result["measurements"]] == ["successful"] * 3
+    assert "inconclusive so far" in result["measurements"][-1]["checks"]["error_rate"]["message"]
+    relaxed = run_module(health_gate.main, gate_args(svc, manifest, error_rate_inconclusive="pass"), capsys)
+    assert relaxed["passed"] is True and relaxed["summary"]["error_rate"]["inconclusive"] is True
+    assert "error rate inconclusive (0 live requests, fewer than 20) and passed" in relaxed["summary"]["message"]
+
+
+def test_a_burst_of_errors_fails_before_the_minimum_traffic_is_reached(
+        service: tuple[FakeService, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    svc, manifest = service
+    original = svc.metrics
+
+    def metrics_then_failures() -> str:
+        text = original()
+        svc.record("/v1/models/strategic/predict", "POST", 503, 5)
+        return text
+    svc.metrics = metrics_then_failures  # type: ignore[method-assign]
+    result = run_module(health_gate.main, gate_args(svc, manifest, checks=["error_rate"], count=4), capsys)
+    assert result["failed"] is True and result["summary"]["reason"] == "failure_limit"
+    # 5 of 5 live requests failed: judged as 5 of the 20 required, 0.25 > 0.01, at the second scrape.
+    assert "error_rate check: 0.2500 (5 of 5 live requests answered 5xx in the window)" in result["msg"]
+    assert result["summary"]["measurements"] == 2
+
+
+def test_a_restart_in_the_window_does_not_hide_its_errors(
+        service: tuple[FakeService, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    svc, manifest = service
+    svc.record("/v1/models/strategic/predict", "POST", 200, 100)
+    svc.record("/v1/models/strategic/predict", "POST", 500, 50)
+    scrapes = {"n": 0}
+    original = svc.metrics
+
+    def restarting_metrics() -> str:
+        scrapes["n"] += 1
+        if scrapes["n"] == 2:  # between the first and second scrape the service restarted and served 1060
+            svc.restart()
+            svc.record("/v1/models/strategic/predict", "POST", 200, 1000)
+            svc.record("/v1/models/strategic/predict", "POST", 500, 60)
+        return original()
+    svc.metrics = restarting_metrics  # type: ignore[method-assign]
+    result = run_module(health_gate.main, gate_args(svc, manifest, checks=["error_rate"], count=2,
+                                                    error_rate_threshold=0.05), capsys)
+    assert result["failed"] is True
+    assert "error_rate check: 0.0566 (60 of 1060 live requests answered 5xx in the window (1 restart(s) of the " \
+           "service counted from zero)) exceeds 0.05" in result["msg"]
+    assert result["summary"]["error_rate"]["restarts_detected"] == 1
+
+
+def test_a_service_that_hangs_before_the_last_measurement_is_not_promoted(
+        service: tuple[FakeService, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """The bug of the issue: errors at the end of the window stayed within consecutive_error_limit and passed."""
+    svc, manifest = service
+    svc.live_per_scrape = 15
+    original = svc.server.routes[("GET", "/health")]
+    calls = {"n": 0}
+
+    def health_then_hang(handler: Any, body: bytes) -> tuple[int, Any]:
+        calls["n"] += 1
+        if calls["n"] >= 5:  # measurements 5 and 6 of 6: the service stopped answering
+            svc.server.delay = 1.5
+        return original(handler, body)
+    svc.server.routes[("GET", "/health")] = health_then_hang
+    args = gate_args(svc, manifest, count=6, consecutive_error_limit=4, timeout=0.3, measurement_timeout=0.5)
+    started = time.monotonic()
+    result = run_module(health_gate.main, args, capsys)
+    elapsed = time.monotonic() - started
+    assert result["failed"] is True, result["msg"]
+    assert result["summary"]["reason"] == "last_measurement_error"
+    assert [m["phase"] for m in result["measurements"]] == ["successful"] * 4 + ["error"] * 2
+    assert result["msg"].startswith("health gate failed: the last of 6 measurements could not be made")
+    assert "timed out" in result["msg"]
+    # Each hung measurement cost about its budget, not one request timeout per check (6 checks).
+    last = result["measurements"][-1]["checks"]
+    assert "used up its budget of 0.5s" in last["error_rate"]["message"]
+    assert elapsed < 4 * 0.3 + 2 * 0.5 + 2.0
+
+
+class RawServer:
+    """A TCP server on loopback that answers every connection with fixed raw bytes (or nothing at all)."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.answer is None:  # accept and never answer: a hung (SIGSTOPped) process looks the same
+                self.held.append(conn)
+                continue
+            try:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\": ", "IncompleteRead"),
+    (b"garbage\r\n\r\n", "BadStatusLine"),
+    (b"", "RemoteDisconnected"),
+    (None, "timed out"),
+])
+def test_broken_answers_are_errors_with_a_reason_never_a_crash(
+        capsys: pytest.CaptureFixture[str], answer: bytes | None, expected: str) -> None:
+    server = RawServer(answer)
+    try:
+        started = time.monotonic()
+        result = run_module(health_gate.main, dict(url=f"http://127.0.0.1:{server.port}", interval=0.01, count=3,
+                                                   timeout=0.3, consecutive_error_limit=5), capsys)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert result["failed"] is True
+    assert result["summary"]["reason"] == "no_successful_measurement"
+    assert [m["phase"] for m in result["measurements"]] == ["error"] * 3
+    assert expected in result["msg"], result["msg"]
+    assert elapsed < 3 * 0.6 + 1.5  # bounded by the measurement budgets (2 x timeout each)
