@@ -1,12 +1,16 @@
 # GrandModel Ops. Run as root on Debian 12; every target installs what it needs first.
 #   make demo   sandbox hosts on local podman + site.yml on them, then where to look
+#   make doctor can this machine run the sandbox and the suite (setup runs it too)
 #   make test   every check: lint, sanity, pytest, molecule scenarios (summary at the end)
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench bench-release lint sandbox-up sandbox-down molecule-% clean
+.PHONY: setup doctor demo test bench bench-release lint sandbox-up sandbox-down molecule-% clean
 
 setup:
 	@bash scripts/setup.sh
+
+doctor:
+	@python3 scripts/sandbox.py doctor
 
 demo: setup
 	@bash scripts/demo.sh

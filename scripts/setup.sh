@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
 # Install everything GrandModel Ops needs on a Debian 12 machine, as root. Safe to re-run: each
 # step is skipped when already done.
-#   1. Debian packages (podman, runc, debootstrap, python3-venv, ...), podman configuration and the
-#      systemd Debian 12 base image for sandbox/molecule hosts (scripts/sandbox.py prepare)
-#   2. the project virtualenv .venv with the pinned Python dependencies (requirements.txt)
+#   1. Debian packages (podman, runc, iptables, debootstrap, python3-venv, ...), podman
+#      configuration, the sandbox SSH key and the systemd Debian 12 base image for sandbox/molecule
+#      hosts (scripts/sandbox.py prepare)
+#   2. a self-check that this machine can run the suite (scripts/sandbox.py doctor)
+#   3. the project virtualenv .venv with the pinned Python dependencies (requirements.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+# Run a long, quiet command with a heartbeat every 30 s, so minutes of pip look like work.
+beat() {
+  local what=$1 started=$SECONDS; shift
+  "$@" & local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null && say "... still $what ($(( SECONDS - started ))s)"
+  done
+  wait "$pid"
+}
 
 [ "$(id -u)" -eq 0 ] || die "run as root: sandbox hosts are rootful podman containers with systemd"
 [ -r /etc/debian_version ] || die "this set-up expects Debian 12 (apt, debootstrap)"
 command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3; }
 
 python3 scripts/sandbox.py prepare
+if [ "${GM_SKIP_DOCTOR:-0}" != 1 ]; then
+  python3 scripts/sandbox.py doctor
+fi
 
 stamp=.venv/.requirements.sha256
 want=$(cat requirements.txt model_service/pyproject.toml | sha256sum | cut -d' ' -f1)
@@ -23,8 +38,9 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]
 else
   say "installing Python dependencies into .venv (first run: a few minutes)"
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  beat "upgrading pip" .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+  beat "installing requirements.txt (ansible, molecule, torch 2.13.0 CPU, ...)" \
+    .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
   echo "$want" > "$stamp"
   say "virtualenv ready: $(.venv/bin/ansible --version | head -1)"
 fi

@@ -43,6 +43,55 @@ def test_collection_builds_without_tests_molecule_or_service(tmp_path: Path) -> 
     assert "meta/runtime.yml" in names
     assert not [n for n in names if n.split("/")[0] in ("tests", "molecule", "model_service")
                 or n.endswith((".pt", ".pyc"))]
+    # galaxy-importer refuses a collection without a README; the license travels with it.
+    assert "README.md" in names
+    assert "LICENSE" in names
+    assert manifest["collection_info"]["readme"] == "README.md"
+
+
+class _AnsibleLoader(yaml.SafeLoader):
+    """Safe YAML that reads Ansible's tags (!unsafe, !vault) as plain values."""
+
+
+_AnsibleLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def test_galaxy_dependencies_are_exactly_the_collections_the_content_uses() -> None:
+    galaxy = yaml.safe_load((COLLECTION / "galaxy.yml").read_text())
+    declared = set(galaxy.get("dependencies") or {})
+    used: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "name" in node or "hosts" in node:  # a task or a play: its keys name modules
+                for key in node:
+                    parts = str(key).split(".")
+                    external = parts[0] not in ("quantnova", "ansible") or parts[1] == "posix"
+                    if len(parts) == 3 and external:
+                        used.add(".".join(parts[:2]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in [*(COLLECTION / "roles").rglob("*.yml"), *(COLLECTION / "playbooks").rglob("*.yml")]:
+        walk(yaml.load(path.read_text(), Loader=_AnsibleLoader))
+    assert declared == used, (f"galaxy.yml dependencies {sorted(declared)} must be exactly the "
+                              f"collections the roles and playbooks call: {sorted(used)}")
+
+
+def test_requires_ansible_is_the_tested_range() -> None:
+    from packaging.specifiers import SpecifierSet
+
+    runtime = yaml.safe_load((COLLECTION / "meta" / "runtime.yml").read_text())
+    pinned = re.search(r"^ansible-core==([0-9.]+)$", (REPO / "requirements.txt").read_text(), re.M)
+    assert pinned, "requirements.txt must pin ansible-core"
+    spec = SpecifierSet(runtime["requires_ansible"])
+    assert pinned.group(1) in spec
+    major_minor = tuple(int(x) for x in pinned.group(1).split(".")[:2])
+    untested_next = f"{major_minor[0]}.{major_minor[1] + 1}.0"
+    assert untested_next not in spec, f"requires_ansible claims {untested_next}, never tested"
 
 
 @pytest.mark.parametrize("role", ROLES)
