@@ -21,7 +21,7 @@ REPO = SCENARIO_DIR.parent.parent
 HOST = "gm-mol-host_tuning"
 REPORT = "/var/lib/grandmodel/host_tuning_report.json"
 SYSCTL_FILE = "/etc/sysctl.d/90-grandmodel-tuning.conf"
-TOOL = "/usr/local/libexec/grandmodel/host-tuning-report"
+LEGACY_TOOL = "/usr/local/libexec/grandmodel/host-tuning-report"  # the evaluator before host_tuning_info
 STATUSES = {"applied", "skipped", "pending_reboot"}
 
 
@@ -148,14 +148,33 @@ def test_isolated_cores_on_the_kernel_command_line_without_reboot(host):
 
 
 def test_exact_value_on_a_read_only_key_is_skipped_not_faked(host):
-    profile = {"sysctls": {"net.core.somaxconn": {"value": "4096", "mode": "exact"}},
-               "sysctl_file": SYSCTL_FILE, "netns_prefixes": ["net.core.somaxconn"], "cpu_governor": "",
-               "cstate_latency_us": -1, "thp_enabled": "", "thp_defrag": "", "limits": {},
-               "kernel_cmdline": [], "irqbalance": "unmanaged", "container": True}
-    out = host.check_output(f"echo '{json.dumps(profile)}' | python3 {TOOL} evaluate --final")
-    (item,) = json.loads(out)["settings"]
+    # The module itself, run on the container through Ansible (no script is left on the host any more).
+    assert not host.file(LEGACY_TOOL).exists
+    args = {"sysctls": {"net.core.somaxconn": 4096}, "sysctl_file": SYSCTL_FILE, "after_apply": True}
+    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+    proc = subprocess.run(["ansible", HOST, "-i", os.environ["MOLECULE_INVENTORY_FILE"], "--check",
+                           "-m", "quantnova.grandmodel.host_tuning_info", "-a", json.dumps(args)],
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"][HOST]
+    (item,) = result["settings"]
+    assert result["container"] is True and result["changed"] is False
     assert item["status"] == "skipped" and item["actual"] == "8192"
     assert "/proc/sys is read-only" in item["reason"]
+
+
+def test_service_tag_alone_runs_its_tasks_and_changes_nothing():
+    # The tag reaches the statically imported tasks (and the evaluation they need) and nothing else.
+    proc = playbook(SCENARIO_DIR / "converge.yml", "--tags", "host_tuning_service")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    ran = {line.split(" : ", 1)[1].split("]")[0] for line in output.splitlines()
+           if line.startswith("TASK [quantnova.grandmodel.host_tuning : ")}
+    assert {"Evaluate the live host against the tuning profile", "Ensure the tuning report on the host is current",
+            "Show the tuning summary"} <= ran, ran
+    assert not ran & {"Ensure irqbalance is installed", "Ensure the sysctl profile is persisted for every boot",
+                      "Assert the host runs a supported Debian release"}, ran
+    assert "changed=0" in output and "failed=0" in output, output
 
 
 def container_netns(key: str, value: str | None = None) -> str:
