@@ -62,14 +62,20 @@ ANNOTATION_PREFIX = "grandmodel.quantnova.io/"
 ANNOTATION_ACTIVE = ANNOTATION_PREFIX + "active-color"
 ANNOTATION_PREVIOUS = ANNOTATION_PREFIX + "previous-color"
 ANNOTATION_SWITCHED_AT = ANNOTATION_PREFIX + "switched-at"
+# Set with the selector, cleared once the switch is verified (or undone): a switch that died in between
+# (SIGKILL, a lost controller) leaves it behind, and the next run undoes that switch (recover()).
+ANNOTATION_IN_FLIGHT = ANNOTATION_PREFIX + "switch-in-flight"
 RECORD_ANNOTATIONS = (ANNOTATION_ACTIVE, ANNOTATION_PREVIOUS, ANNOTATION_SWITCHED_AT)
+# Seconds beyond verify_timeout after which an in-flight marker counts as left by a dead run.
+IN_FLIGHT_GRACE = 60
 FIELD_MANAGER = "quantnova.grandmodel.traffic_switch"
 MERGE_PATCH = "application/merge-patch+json"
 _MAX_PAGES = 50
 
 
-def _now():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(offset=0.0):
+    moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=offset)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def selector_string(selector):
@@ -309,6 +315,7 @@ class KubernetesBackend(TrafficBackend):
         self.restored = False
         self.record = {}
         self.precheck = {}
+        self.backup_ignored = None
         self._plan = None
 
     @property
@@ -347,7 +354,10 @@ class KubernetesBackend(TrafficBackend):
     def read_state(self):
         return self._state(self._service())
 
-    def plan(self, color):
+    def plan(self, color, backup=None):
+        """`backup` (nginx keeps the old colour as a backup server) has no Service equivalent: the old colour
+        stays warm as its own Deployment and a rollback switches the selector back, so it is not applied."""
+        self.backup_ignored = backup
         if color not in COLORS:
             raise TrafficSwitchError("cannot switch %s to %r: the colour must be one of %s"
                                      % (self.target, color, ", ".join(COLORS)))
@@ -413,10 +423,15 @@ class KubernetesBackend(TrafficBackend):
         state = plan.state
         previous = state.active if state.active and state.active != plan.color else state.previous
         self.record = {"active": plan.color, "previous": previous, "switched_at": _now()}
+        marker = {"from": plan.selector_before.get(self.color_label), "to": plan.color,
+                  "started": self.record["switched_at"],
+                  "deadline": _now(self.verify_timeout + IN_FLIGHT_GRACE + 2 * self.api.request_timeout),
+                  "annotations_before": plan.annotations_before}
         patch = {
             "metadata": {
                 "annotations": {ANNOTATION_ACTIVE: plan.color, ANNOTATION_PREVIOUS: previous,
-                                ANNOTATION_SWITCHED_AT: self.record["switched_at"]},
+                                ANNOTATION_SWITCHED_AT: self.record["switched_at"],
+                                ANNOTATION_IN_FLIGHT: json.dumps(marker, sort_keys=True)},
             },
             "spec": {"selector": {self.color_label: plan.color}},
         }
@@ -448,6 +463,15 @@ class KubernetesBackend(TrafficBackend):
             evidence["before"] = self.precheck
         if self.verifier is not None:
             evidence["front_door"] = self.verifier.verify(color)
+        if self.patched and self._plan is not None and color == self._plan.color:
+            # Verified: the switch is complete, so its in-flight marker goes. If that fails, traffic is on the
+            # verified colour but the next run will switch back to the previous (warm) colour: say so.
+            try:
+                self._patch_with_retries({"metadata": {"annotations": {ANNOTATION_IN_FLIGHT: None}}},
+                                         "clearing the in-flight marker of %s" % self.target)
+                self.patched = False
+            except TrafficSwitchError as exc:
+                evidence["marker_error"] = "%s; the next run of the switch will undo this switch" % exc
         return evidence
 
     def _watch_endpoints(self, color, selector):
@@ -498,23 +522,95 @@ class KubernetesBackend(TrafficBackend):
         if not self.patched:
             return "nothing to undo (the service was not patched)"
         before = plan.selector_before.get(self.color_label)
-        patch = {"metadata": {"annotations": dict(plan.annotations_before)},
-                 "spec": {"selector": {self.color_label: before}}}
+        self._put_back(before, plan.annotations_before, "patching the selector of %s back to %s=%s"
+                       % (self.target, self.color_label, before))
+        self.patched, self.restored = False, True
+        return "patched the selector of %s back to %s=%s" % (self.target, self.color_label, before)
+
+    def _put_back(self, color, annotations, what):
+        patch = {"metadata": {"annotations": dict(annotations or {}, **{ANNOTATION_IN_FLIGHT: None})},
+                 "spec": {"selector": {self.color_label: color}}}
+        self._patch_with_retries(patch, what)
+
+    def _patch_with_retries(self, patch, what):
         error = None
-        for attempt in range(1, self.restore_attempts + 1):
+        for _attempt in range(self.restore_attempts):
             try:
-                self.api.patch_service(self.namespace, self.service, patch, field_manager=self.field_manager)
-                self.patched, self.restored = False, True
-                return "patched the selector of %s back to %s=%s (attempt %d)" % (
-                    self.target, self.color_label, before, attempt)
+                return self.api.patch_service(self.namespace, self.service, patch, field_manager=self.field_manager)
             except KubernetesApiError as exc:
                 error = exc
                 if not exc.uncertain and exc.status not in (409, 429, 500, 502, 503, 504):
                     break
                 self.sleep(min(1.0, self.interval))
-        raise TrafficSwitchError("patching the selector of %s back to %s=%s failed: %s"
-                                 % (self.target, self.color_label, before, error))
+        raise TrafficSwitchError("%s failed after %d attempt(s): %s" % (what, self.restore_attempts, error))
 
     def record_switch(self, color, previous):
-        # Written with the selector in the same patch (apply), so a verified switch needs no second write.
+        # The record went out with the selector (apply) and verify() cleared the in-flight marker.
         return dict(self.record)
+
+    def recover(self):
+        """Undo a switch whose run died between patching and verifying (its in-flight marker is left).
+
+        A marker younger than its deadline belongs to a switch still running elsewhere: refuse, as a lock would.
+        """
+        svc = self._service()
+        annotations = (svc.get("metadata") or {}).get("annotations") or {}
+        raw = annotations.get(ANNOTATION_IN_FLIGHT)
+        if not raw:
+            return None
+        try:
+            marker = json.loads(raw)
+            deadline = datetime.datetime.strptime(marker["deadline"], "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=datetime.timezone.utc)
+        except (ValueError, KeyError, TypeError):
+            marker, deadline = {}, None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if deadline is not None and now < deadline:
+            raise TrafficSwitchError(
+                "another switch of %s to %s is in flight (started %s); wait until %s for it to finish or to be "
+                "undone" % (self.target, marker.get("to"), marker.get("started"), marker.get("deadline")))
+        live = ((svc.get("spec") or {}).get("selector") or {}).get(self.color_label)
+        if not marker or live != marker.get("to") or not marker.get("from"):
+            self._patch_with_retries({"metadata": {"annotations": {ANNOTATION_IN_FLIGHT: None}}},
+                                     "clearing a stale in-flight marker of %s" % self.target)
+            return "cleared a stale in-flight marker of %s (live colour %s left as it is)" % (self.target, live)
+        self._put_back(marker["from"], marker.get("annotations_before"),
+                       "undoing the interrupted switch of %s to %s" % (self.target, marker["to"]))
+        return "undid an interrupted switch of %s to %s (started %s): the selector is back on %s" % (
+            self.target, marker["to"], marker.get("started"), marker["from"])
+
+
+# -- module wiring ----------------------------------------------------------------------------------
+
+def kubernetes_argument_spec():
+    """The traffic_switch options of backend=kubernetes (names as kubernetes.core's connection options)."""
+    return dict(
+        namespace=dict(type="str", default="grandmodel"),
+        service=dict(type="str", default="grandmodel"),
+        color_label=dict(type="str", default=DEFAULT_COLOR_LABEL),
+        color_service=dict(type="str", default="{service}-{color}"),
+        min_ready=dict(type="int", default=1),
+        kubeconfig=dict(type="path"),
+        context=dict(type="str"),
+        host=dict(type="str"),
+        api_key=dict(type="str", no_log=True),
+        ca_cert=dict(type="path"),
+        validate_certs=dict(type="bool"),
+        request_timeout=dict(type="float", default=10.0),
+    )
+
+
+def build_kubernetes_backend(params, verifier=None):
+    """A KubernetesBackend from traffic_switch's parameters (verify_* are shared with the nginx backend)."""
+    for key in ("namespace", "service"):
+        if not params.get(key):
+            raise TrafficSwitchError("backend kubernetes needs %s (the live Service's %s)" % (key, key))
+    client, source = build_api_client(kubeconfig=params.get("kubeconfig"), context=params.get("context"),
+                                      host=params.get("host"), api_key=params.get("api_key"),
+                                      validate_certs=params.get("validate_certs"), ca_cert=params.get("ca_cert"))
+    api = KubernetesApi(client, request_timeout=params.get("request_timeout") or 10.0, source=source)
+    return KubernetesBackend(
+        api, params["namespace"], params["service"], color_label=params.get("color_label") or DEFAULT_COLOR_LABEL,
+        color_service=params.get("color_service", "{service}-{color}"), min_ready=params.get("min_ready") or 1,
+        verify_timeout=params.get("verify_timeout") or 60.0, verify_consecutive=params.get("verify_consecutive") or 3,
+        verify_interval=max(0.2, float(params.get("verify_interval") or 1.0)), verifier=verifier)

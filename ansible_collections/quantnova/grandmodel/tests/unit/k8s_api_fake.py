@@ -257,9 +257,11 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(server.hang_seconds)
             return self._send(504, status_body(504))
         if isinstance(action, int):
+            server.requests[-1]["status"] = action
             return self._send(action, status_body(action))
         with server.lock:
             code, payload = self._answer(method, kind, name, query, body)
+            server.requests[-1]["status"] = code
         if action == "apply-then-hang":
             time.sleep(server.hang_seconds)
         self._send(code, payload)

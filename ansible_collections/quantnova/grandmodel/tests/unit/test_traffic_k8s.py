@@ -26,6 +26,7 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic impor
 )
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic_k8s import (
     ANNOTATION_ACTIVE,
+    ANNOTATION_IN_FLIGHT,
     ANNOTATION_PREVIOUS,
     ANNOTATION_SWITCHED_AT,
     KubernetesApi,
@@ -59,6 +60,12 @@ def backend(server: FakeApiServer, request_timeout: float = 1.0, **kwargs: Any) 
 
 def patches(server: FakeApiServer) -> list[dict[str, Any]]:
     return [r for r in server.requests if r["method"] == "PATCH"]
+
+
+def selector_patches(server: FakeApiServer, accepted: bool = False) -> list[str]:
+    """The colours PATCH requests set on the live Service's selector, in order (only accepted ones if asked)."""
+    return [p["body"]["spec"]["selector"][COLOR_LABEL] for p in patches(server)
+            if "spec" in p["body"] and (not accepted or p.get("status") == 200)]
 
 
 # -- reading recorded objects --------------------------------------------------------------------
@@ -113,7 +120,8 @@ def test_switch_patches_selector_and_record_in_one_guarded_merge_patch_then_sees
     api.endpoint_lag = 3  # the endpoint controller publishes the new selector after 3 lists
     result = switch_traffic(backend(api), "green", want_diff=True)
     assert api.live_color() == "green"
-    (patch,) = patches(api)
+    patch, clear = patches(api)  # the switch, then (verified) the in-flight marker cleared
+    assert clear["body"] == {"metadata": {"annotations": {ANNOTATION_IN_FLIGHT: None}}}
     assert patch["content_type"] == "application/merge-patch+json"
     assert patch["body"]["metadata"]["resourceVersion"] == rv_before
     assert patch["body"]["spec"] == {"selector": {COLOR_LABEL: "green"}}
@@ -121,6 +129,7 @@ def test_switch_patches_selector_and_record_in_one_guarded_merge_patch_then_sees
     annotations = api.services["grandmodel"]["metadata"]["annotations"]
     assert annotations[ANNOTATION_ACTIVE] == "green" and annotations[ANNOTATION_PREVIOUS] == "blue"
     assert annotations["grandmodel.quantnova.io/role"] == "live"  # other annotations untouched
+    assert ANNOTATION_IN_FLIGHT not in annotations
     assert result["changed"] is True and result["verified"] is True
     assert (result["active_color"], result["previous_color"]) == ("green", "blue")
     assert result["switched_at"] == annotations[ANNOTATION_SWITCHED_AT]
@@ -134,7 +143,7 @@ def test_switch_patches_selector_and_record_in_one_guarded_merge_patch_then_sees
     assert "app.kubernetes.io/name: grandmodel" in result["diff"]["after"]
 
     again = switch_traffic(backend(api), "green")  # idempotent: nothing patched the second time
-    assert again["changed"] is False and len(patches(api)) == 1
+    assert again["changed"] is False and len(patches(api)) == 2
     state = backend(api).read_state()
     assert (state.active, state.previous) == ("green", "blue")
 
@@ -179,7 +188,8 @@ def test_endpoints_never_cutting_over_restores_the_selector_and_blue_serves_agai
     result = caught.value.result
     assert api.live_color() == "blue" and result["restored"] is True
     assert ANNOTATION_ACTIVE not in api.services["grandmodel"]["metadata"]["annotations"]
-    assert [p["body"]["spec"]["selector"][COLOR_LABEL] for p in patches(api)] == ["green", "blue"]
+    assert selector_patches(api) == ["green", "blue"]
+    assert ANNOTATION_IN_FLIGHT not in api.services["grandmodel"]["metadata"]["annotations"]
     assert result["verification"]["answers"][-1]["answer"] == "blue: 2 ready"
     assert result["restore_verification"]["verified"] is True
     assert "blue answers again" in str(caught.value)
@@ -191,7 +201,7 @@ def test_new_pods_dying_right_after_the_switch_roll_back(api: FakeApiServer) -> 
 
     def patch_then_kill_green(*args: Any, **kwargs: Any) -> Any:
         answer = original(*args, **kwargs)
-        if args[2]["spec"]["selector"][COLOR_LABEL] == "green":
+        if args[2].get("spec", {}).get("selector", {}).get(COLOR_LABEL) == "green":
             api.set_color_ready("green", False)  # the new colour crashes as traffic arrives
         return answer
 
@@ -210,7 +220,7 @@ def test_patch_applied_but_answer_lost_is_undone(api: FakeApiServer) -> None:
         switch_traffic(backend(api, request_timeout=0.5), "green")
     assert caught.value.result["restored"] is True
     assert api.live_color() == "blue"
-    assert [p["body"]["spec"]["selector"][COLOR_LABEL] for p in patches(api)] == ["green", "blue"]
+    assert selector_patches(api) == ["green", "blue"]
 
 
 def test_a_concurrent_change_is_refused_not_overwritten(api: FakeApiServer) -> None:
@@ -246,10 +256,8 @@ def test_two_switches_racing_leave_one_patch_and_no_clobbering(api: FakeApiServe
             assert "changed since it was read" in str(other)
         elif other is not won[0]:
             assert other["changed"] is False  # planned after the winner: nothing to do
-    assert all(p["body"]["spec"]["selector"][COLOR_LABEL] == "green" for p in patches(api))  # no restore
-    accepted = [m for m in api.services["grandmodel"]["metadata"]["managedFields"]
-                if m["manager"] == "quantnova.grandmodel.traffic_switch"]
-    assert len(accepted) == 1
+    assert set(selector_patches(api)) == {"green"}  # nothing restored
+    assert selector_patches(api, accepted=True) == ["green"]
 
 
 @pytest.mark.parametrize(("kind", "status", "problem"), [
@@ -297,9 +305,10 @@ def test_the_api_dying_after_the_patch_reports_the_failed_restore(api: FakeApiSe
 def test_a_transient_restore_failure_is_retried(api: FakeApiServer) -> None:
     api.endpoints_frozen = True
     api.fault("patch-service", None, 500)
-    with pytest.raises(TrafficSwitchError, match=r"previous state restored \(.*attempt 2\)"):
+    with pytest.raises(TrafficSwitchError, match=r"previous state restored \(patched the selector"):
         switch_traffic(backend(api, verify_timeout=0.2), "green")
     assert api.live_color() == "blue"
+    assert selector_patches(api) == ["green", "blue", "blue"]
 
 
 def test_a_service_without_selector_is_refused(api: FakeApiServer) -> None:
@@ -359,3 +368,67 @@ def test_bad_client_configuration_is_named(tmp_path: Path, kwargs: dict[str, str
         kwargs = dict(kwargs, kubeconfig=str(path))
     with pytest.raises(TrafficSwitchError, match=problem):
         build_api_client(**kwargs)
+
+
+# -- a run that dies mid-switch -------------------------------------------------------------------
+
+def expire_marker(api: FakeApiServer) -> None:
+    annotations = api.services["grandmodel"]["metadata"]["annotations"]
+    marker = json.loads(annotations[ANNOTATION_IN_FLIGHT])
+    marker["deadline"] = "2000-01-01T00:00:00Z"
+    annotations[ANNOTATION_IN_FLIGHT] = json.dumps(marker)
+
+
+def test_a_switch_killed_after_the_patch_blocks_others_then_is_undone_by_the_next_run(api: FakeApiServer) -> None:
+    dead = backend(api)
+    dead.apply(dead.plan("green"))  # patched, then the run is SIGKILLed: no verify, no restore
+    assert api.live_color() == "green"
+    with pytest.raises(TrafficSwitchError, match=r"another switch of service \S+ to green is in flight"):
+        backend(api).recover()  # still within its deadline: it might be running elsewhere
+    expire_marker(api)
+    note = backend(api).recover()
+    assert note is not None and "undid an interrupted switch" in note and note.endswith("back on blue")
+    annotations = api.services["grandmodel"]["metadata"]["annotations"]
+    assert api.live_color() == "blue" and ANNOTATION_IN_FLIGHT not in annotations
+    assert ANNOTATION_ACTIVE not in annotations  # the record is as it was before the dead switch
+    assert backend(api).recover() is None
+    assert switch_traffic(backend(api), "green")["verified"] is True
+
+
+def test_a_stale_marker_after_a_manual_switch_is_cleared_without_touching_traffic(api: FakeApiServer) -> None:
+    dead = backend(api)
+    dead.apply(dead.plan("green"))
+    expire_marker(api)
+    api.edit_service("grandmodel", {"spec": {"selector": {COLOR_LABEL: "blue"}}})  # an operator fixed it by hand
+    note = backend(api).recover()
+    assert note is not None and note.startswith("cleared a stale in-flight marker")
+    assert api.live_color() == "blue"
+
+
+def test_a_verified_switch_whose_marker_cannot_be_cleared_says_so(api: FakeApiServer) -> None:
+    api.fault("patch-service", None, 403)  # the switch is accepted; clearing the marker is forbidden
+    result = switch_traffic(backend(api), "green")
+    assert result["verified"] is True and api.live_color() == "green"
+    assert "the next run of the switch will undo this switch" in result["verification"]["marker_error"]
+    assert ANNOTATION_IN_FLIGHT in api.services["grandmodel"]["metadata"]["annotations"]
+
+
+def test_a_backup_colour_is_not_applied_by_a_selector(api: FakeApiServer) -> None:
+    plan = backend(api).plan("green", backup="blue")
+    assert plan.backup is None and plan.changed
+
+
+def test_the_module_wiring_builds_a_working_backend(api: FakeApiServer) -> None:
+    from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic_k8s import (
+        build_kubernetes_backend,
+        kubernetes_argument_spec,
+    )
+
+    spec = kubernetes_argument_spec()
+    assert spec["api_key"]["no_log"] is True
+    params = {k: v.get("default") for k, v in spec.items()}
+    params.update(host=api.url, api_key=TOKEN, verify_timeout=2.0, verify_consecutive=2, verify_interval=0.05)
+    result = switch_traffic(build_kubernetes_backend(params), "green", want_diff=True)
+    assert result["verified"] is True and result["backend"] == "kubernetes"
+    with pytest.raises(TrafficSwitchError, match="needs namespace"):
+        build_kubernetes_backend(dict(params, namespace=""))
