@@ -151,7 +151,8 @@ def test_exact_value_on_a_read_only_key_is_skipped_not_faked(host):
     # The module itself, run on the container through Ansible (no script is left on the host any more).
     assert not host.file(LEGACY_TOOL).exists
     args = {"sysctls": {"net.core.somaxconn": 4096}, "sysctl_file": SYSCTL_FILE, "after_apply": True}
-    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+               ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json")  # no profile_tasks lines around the JSON
     proc = subprocess.run(["ansible", HOST, "-i", os.environ["MOLECULE_INVENTORY_FILE"], "--check",
                            "-m", "quantnova.grandmodel.host_tuning_info", "-a", json.dumps(args)],
                           capture_output=True, text=True, timeout=300, check=False, env=env)
