@@ -3,6 +3,8 @@
 
   build/wheelhouse/              grandmodel-service wheel + every dependency (torch CPU included),
                                  so app hosts install with no network (pip --no-index)
+  build/wheelhouse.tar           the same wheels in one reproducible archive: the model_service
+                                 role ships it in one transfer per host instead of file by file
   build/releases/<version>/      <model>.pt + <model>.manifest.json per model (sha256, golden samples)
 
 Both are skipped when already built for the same inputs. Options:
@@ -19,11 +21,13 @@ import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
 WHEELHOUSE = BUILD / "wheelhouse"
+ARCHIVE = BUILD / "wheelhouse.tar"
 VENV_BIN = REPO / ".venv" / "bin"
 
 
@@ -46,6 +50,8 @@ def build_wheelhouse() -> Path:
     stamp = WHEELHOUSE / ".digest"
     if stamp.exists() and stamp.read_text().strip() == digest:
         log(f"wheelhouse current ({digest}): {WHEELHOUSE}")
+        if not ARCHIVE.exists():
+            pack_wheelhouse()
         return WHEELHOUSE
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     for old in WHEELHOUSE.glob("grandmodel_service-*.whl"):
@@ -55,8 +61,25 @@ def build_wheelhouse() -> Path:
                     "--wheel-dir", str(WHEELHOUSE), str(REPO / "model_service")], check=True)
     stamp.write_text(digest + "\n")
     wheels = sorted(p.name for p in WHEELHOUSE.glob("*.whl"))
+    pack_wheelhouse()
     log(f"wheelhouse ready: {len(wheels)} wheels")
     return WHEELHOUSE
+
+
+def pack_wheelhouse() -> Path:
+    """One archive of the wheels, byte-identical for the same wheels (sorted, fixed metadata),
+    so the copy to a host is one transfer and is skipped when the host already has it."""
+    partial = ARCHIVE.with_suffix(".tar.partial")
+    with tarfile.open(partial, "w", format=tarfile.GNU_FORMAT) as tar:
+        for wheel in sorted(WHEELHOUSE.glob("*.whl")):
+            info = tar.gettarinfo(str(wheel), arcname=wheel.name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "root", "root"
+            info.mode = 0o644
+            with wheel.open("rb") as fh:
+                tar.addfile(info, fh)
+    partial.replace(ARCHIVE)
+    log(f"packed {ARCHIVE.relative_to(REPO)} ({ARCHIVE.stat().st_size // 2**20} MiB)")
+    return ARCHIVE
 
 
 def build_artifacts(version: str, seed: int, corrupt_golden: bool) -> Path:

@@ -2,8 +2,9 @@
 """Run every GrandModel Ops check in order and end with a readable summary.
 
 Lint (yamllint, ansible-lint production profile, ruff, mypy), `ansible-test sanity` in place,
-pytest for the repository, the collection's unit tests and the inference service, then each
-Molecule scenario on local podman hosts. Each step's full output goes to reports/<step>.log; a
+pytest for the repository, the collection's unit tests and the inference service, the
+fresh-machine install test (scripts/fresh_machine.py), then each Molecule scenario on local podman
+hosts. Each step's full output goes to reports/<step>.log; a
 failed step's tail is printed right away. The last line reads "checks: N passed, N failed".
 
   scripts/run_checks.py                 all steps
@@ -69,6 +70,8 @@ def build_steps() -> list[Step]:
     if (REPO / "model_service" / "tests").is_dir():
         steps.append(Step("pytest-service", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                              "tests"], cwd=REPO / "model_service"))
+    # The install closure on a machine that has never seen the project (nested podman).
+    steps.append(Step("fresh-machine", [py, "scripts/fresh_machine.py"], timeout=1500))
     for scenario in molecule_scenarios():
         steps.append(Step(f"molecule:{scenario}",
                           [str(VENV_BIN / "molecule"), "test", "-s", scenario], timeout=2400))

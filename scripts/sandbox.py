@@ -175,7 +175,9 @@ def build_image(force: bool) -> None:
         return
     log(f"building base image {IMAGE} with debootstrap (about a minute)")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="gm-rootfs-") as tmp:
+    # Not in /tmp: a tmpfs /tmp is often mounted nodev, and debootstrap must create device nodes
+    # ("cannot create .../test-dev-null: Permission denied" inside a container).
+    with tempfile.TemporaryDirectory(prefix="gm-rootfs-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
         run(["debootstrap", "--variant=minbase", f"--include={','.join(IMAGE_PACKAGES)}",
              "bookworm", str(rootfs), MIRROR], capture=True)
