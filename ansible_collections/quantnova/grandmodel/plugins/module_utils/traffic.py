@@ -7,6 +7,14 @@ A backend reads which colour is live, plans a switch (before/after, changed or n
 proves through the front door that the new colour answers, and restores the previous state when
 anything on the way fails. `switch_traffic()` runs that sequence the same way for every backend;
 haproxy and Kubernetes (Service selector) backends only have to implement the five methods.
+
+"Anything" means anything: a refused configuration, a failed reload or verification, an HTTP-level
+error of a probe, a bug, and SIGTERM/SIGHUP/SIGINT while applying or verifying all lead to the
+restore (run with those signals held back), after which the failure is raised again. The nginx
+backend also holds an exclusive lock (flock) for the whole switch, so two switches cannot
+interleave, tests every candidate with `nginx -t` before the live file is replaced, and keeps a
+journal while a switch is in flight, so a switch killed outright (SIGKILL, power loss) is undone by
+the next run before it plans anything.
 """
 
 from __future__ import annotations
@@ -14,18 +22,35 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
+import errno
+import fnmatch
+import glob
 import json
+import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - every platform the module supports (posix) has it
+    fcntl = None
 
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.http_client import HttpClient, HttpProbeError
 
 COLORS = ("blue", "green")
 HEADER = "# Managed by quantnova.grandmodel.traffic_switch: edit the colour with that module, not by hand."
 _ACTIVE_RE = re.compile(r"^#\s*active_color:\s*(\S+)\s*$", re.MULTILINE)
+_BACKUP_RE = re.compile(r"^#\s*backup_color:\s*(\S+)\s*$", re.MULTILINE)
+# While a colour is kept as backup, a primary that fails once is skipped for this long, so requests
+# go straight to the backup instead of each paying a connect or read timeout first.
+PRIMARY_FAIL_TIMEOUT = "5s"
+INTERRUPT_SIGNALS = ("SIGTERM", "SIGHUP", "SIGINT")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -40,26 +65,28 @@ class TrafficSwitchError(Exception):
 class TrafficState:
     """The live colour as a backend sees it, and where that knowledge came from."""
 
-    def __init__(self, active=None, previous=None, switched_at=None, source=None):
+    def __init__(self, active=None, previous=None, switched_at=None, source=None, backup=None):
         self.active = active
         self.previous = previous
         self.switched_at = switched_at
         self.source = source
+        self.backup = backup
 
     def as_dict(self):
         return {"active": self.active, "previous": self.previous, "switched_at": self.switched_at,
-                "source": self.source}
+                "source": self.source, "backup": self.backup}
 
 
 class SwitchPlan:
     """What apply() would do: the state before, the colour wanted, the configuration before/after."""
 
-    def __init__(self, state, color, before, after, target):
+    def __init__(self, state, color, before, after, target, backup=None):
         self.state = state
         self.color = color
         self.before = before
         self.after = after
         self.target = target
+        self.backup = backup
 
     @property
     def changed(self):
@@ -99,23 +126,143 @@ class TrafficBackend(abc.ABC):
         """Persist {active, previous, switched_at} after a verified switch; return the record."""
         return {}
 
+    # Optional steps with safe defaults, so every backend runs through the same switch_traffic().
+    def lock(self):
+        """A context manager held for the whole switch; its value is evidence (dict) about the wait."""
+        return contextlib.nullcontext({})
+
+    def recover(self):
+        """Undo a switch that died without restoring (SIGKILL); return what was done, or None."""
+        return None
+
+    def finish(self, plan):  # noqa: B027 - optional hook, a no-op unless a backend keeps bookkeeping
+        """Called after a verified switch (or after a restore): clear any in-flight bookkeeping."""
+
+
+class SwitchInterrupted(BaseException):
+    """A signal arrived while a switch was being applied or verified (raised from the signal handler)."""
+
+    def __init__(self, signame):
+        super().__init__("interrupted by %s" % signame)
+        self.signame = signame
+
+
+class InterruptGuard:
+    """Turns SIGTERM/SIGHUP/SIGINT into SwitchInterrupted while armed; holds them back while restoring.
+
+    Signal handlers can only be set from the main thread; elsewhere (a caller's worker thread) the
+    guard does nothing and the caller's own interrupt handling applies.
+    """
+
+    def __init__(self, signames=INTERRUPT_SIGNALS):
+        self.signals = [getattr(signal, name) for name in signames if hasattr(signal, name)]
+        self.previous = {}
+        self.armed = False
+        self.received = []
+        self.active = threading.current_thread() is threading.main_thread()
+
+    def _handler(self, signum, _frame):
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if self.armed:
+            self.armed = False
+            raise SwitchInterrupted(name)
+
+    def __enter__(self):
+        if self.active:
+            for signum in self.signals:
+                self.previous[signum] = signal.signal(signum, self._handler)
+            self.armed = True
+        return self
+
+    def disarm(self):
+        self.armed = False
+
+    @contextlib.contextmanager
+    def held_back(self):
+        """Signals that arrive meanwhile wait until the block is done (then only get recorded)."""
+        self.armed = False
+        if not self.active or not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+
+    def __exit__(self, *exc):
+        self.armed = False
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+# -- numeric inputs ------------------------------------------------------------------------------
+
+def check_number(name, value, minimum=None, above=None, integer=False, maximum=None):
+    """Return `value` as a number after checking it is finite and in range; TrafficSwitchError otherwise."""
+    try:
+        number = int(value) if integer else float(value)
+        if integer and float(value) != number:
+            raise ValueError("not a whole number")
+    except (TypeError, ValueError) as exc:
+        raise TrafficSwitchError("%s must be a %s (got %r)" % (name, "whole number" if integer else "number", value)) \
+            from exc
+    if not math.isfinite(number):
+        raise TrafficSwitchError("%s must be a finite number (got %r)" % (name, value))
+    if minimum is not None and number < minimum:
+        raise TrafficSwitchError("%s must be %s or more (got %r)" % (name, minimum, value))
+    if above is not None and number <= above:
+        raise TrafficSwitchError("%s must be more than %s (got %r)" % (name, above, value))
+    if maximum is not None and number > maximum:
+        raise TrafficSwitchError("%s must be %s or less (got %r)" % (name, maximum, value))
+    return number
+
 
 # -- upstream file ------------------------------------------------------------------------------
 
-def render_upstream(upstream_name, color, addresses, keepalive):
+def _server_lines(upstream_name, color, addresses, suffix):
+    lines = []
+    for raw in addresses:
+        address = str(raw).strip()
+        if not address or any(c in address for c in ";{}#\n\"' \t"):
+            raise TrafficSwitchError("cannot render upstream %s: backend address %r for colour %s is not host:port"
+                                     % (upstream_name, address, color))
+        lines.append("    server %s %s;" % (address, suffix))
+    return lines
+
+
+def render_upstream(upstream_name, color, addresses, keepalive, backup_color=None, backup_addresses=()):
+    """The upstream block for `color`, with `backup_color`'s servers as nginx `backup` when given.
+
+    Alone, the live colour's servers are never marked failed (max_fails=0: with nowhere else to go,
+    nginx should keep trying them). With a backup, a live server that fails once is skipped for
+    PRIMARY_FAIL_TIMEOUT so requests go straight to the warm colour instead of each waiting for the
+    failure first; the site's proxy_next_upstream retries the failed request there.
+    """
     if not _NAME_RE.match(upstream_name):
         raise TrafficSwitchError("cannot render upstream %r: the name may hold only letters, digits, '_', '.', '-'"
                                  % upstream_name)
     if not addresses:
         raise TrafficSwitchError("cannot render upstream %s for colour %s: backends.%s lists no address"
                                  % (upstream_name, color, color))
-    lines = [HEADER, "# active_color: %s" % color, "upstream %s {" % upstream_name]
-    for raw in addresses:
-        address = str(raw).strip()
-        if not address or any(c in address for c in ";{}#\n\"'"):
-            raise TrafficSwitchError("cannot render upstream %s: backend address %r for colour %s is not host:port"
-                                     % (upstream_name, address, color))
-        lines.append("    server %s max_fails=0;" % address)
+    lines = [HEADER, "# active_color: %s" % color]
+    if backup_color:
+        if backup_color == color:
+            raise TrafficSwitchError("cannot render upstream %s: colour %s cannot be its own backup"
+                                     % (upstream_name, color))
+        if not backup_addresses:
+            raise TrafficSwitchError("cannot render upstream %s with backup colour %s: backends.%s lists no address"
+                                     % (upstream_name, backup_color, backup_color))
+        lines.append("# backup_color: %s" % backup_color)
+    lines.append("upstream %s {" % upstream_name)
+    if backup_color:
+        lines += _server_lines(upstream_name, color, addresses,
+                               "max_fails=1 fail_timeout=%s" % PRIMARY_FAIL_TIMEOUT)
+        lines += _server_lines(upstream_name, backup_color, backup_addresses, "backup")
+    else:
+        lines += _server_lines(upstream_name, color, addresses, "max_fails=0")
     if keepalive:
         lines.append("    keepalive %d;" % keepalive)
     lines.append("}")
@@ -124,6 +271,11 @@ def render_upstream(upstream_name, color, addresses, keepalive):
 
 def parse_active_color(text):
     match = _ACTIVE_RE.search(text or "")
+    return match.group(1) if match else None
+
+
+def parse_backup_color(text):
+    match = _BACKUP_RE.search(text or "")
     return match.group(1) if match else None
 
 
@@ -137,20 +289,10 @@ def _read_text(path):
         raise TrafficSwitchError("cannot read %s: %s" % (path, exc.strerror or exc)) from exc
 
 
-def atomic_write(path, text, mode=None):
-    """Write `text` to a hidden temporary file beside `path`, fsync it, then os.replace it into place.
-
-    The temporary name starts with a dot and ends in .tmp, so an nginx `include dir/*.conf` (or `dir/*`)
-    glob never picks up a half-written file.
-    """
-    directory, base = os.path.split(os.path.abspath(path))
-    if mode is None:
-        try:
-            mode = os.stat(path).st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o644
+def _write_temp(directory, base, text, mode, suffix=".tmp"):
+    """Write `text` to a fsynced hidden temporary file in `directory`; return its path."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".%s." % base, suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=".%s." % base, suffix=suffix, dir=directory)
     except OSError as exc:
         raise TrafficSwitchError("cannot create a temporary file in %s: %s" % (directory, exc.strerror or exc)) from exc
     try:
@@ -159,12 +301,43 @@ def atomic_write(path, text, mode=None):
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        _fsync_dir(directory)
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
+        raise TrafficSwitchError("cannot write %s: %s" % (tmp, exc.strerror or exc)) from exc
+    return tmp
+
+
+def _file_mode(path, default=0o644):
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return default
+
+
+def atomic_write(path, text, mode=None):
+    """Write `text` to a hidden temporary file beside `path`, fsync it, then os.replace it into place.
+
+    The temporary name starts with a dot and ends in .tmp, so an nginx `include dir/*.conf` (or `dir/*`)
+    glob never picks up a half-written file.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    tmp = _write_temp(directory, base, text, _file_mode(path) if mode is None else mode)
+    replace_file(tmp, path)
+
+
+def replace_file(source, path):
+    """Atomically move `source` (in the same directory) onto `path` and make the rename durable."""
+    try:
+        os.replace(source, path)
+    except OSError as exc:
+        _unlink_quietly(source)
         raise TrafficSwitchError("cannot write %s: %s" % (path, exc.strerror or exc)) from exc
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _unlink_quietly(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _fsync_dir(directory):
@@ -185,7 +358,7 @@ def _now():
 
 
 class StateFile:
-    """A small JSON record {active, previous, switched_at} kept beside the upstream file."""
+    """A small JSON record {active, previous, backup, switched_at} kept beside the upstream file."""
 
     def __init__(self, path):
         self.path = path
@@ -200,10 +373,30 @@ class StateFile:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def write(self, active, previous):
-        record = {"active": active, "previous": previous, "switched_at": _now()}
+    def write(self, active, previous, backup=None):
+        record = {"active": active, "previous": previous, "backup": backup, "switched_at": _now()}
         atomic_write(self.path, json.dumps(record, indent=2, sort_keys=True) + "\n", mode=0o644)
         return record
+
+
+def render_metrics(active, backup, colors, upstream_name):
+    """node_exporter textfile-collector lines: which colour takes traffic, which one is the warm backup."""
+    lines = [
+        "# HELP grandmodel_traffic_active_color 1 for the colour the front door sends traffic to "
+        "(quantnova.grandmodel.traffic_switch).",
+        "# TYPE grandmodel_traffic_active_color gauge",
+    ]
+    for color in colors:
+        lines.append('grandmodel_traffic_active_color{color="%s",upstream="%s"} %d'
+                     % (color, upstream_name, 1 if color == active else 0))
+    lines += [
+        "# HELP grandmodel_traffic_backup_color 1 for the colour kept as nginx backup (the warm window).",
+        "# TYPE grandmodel_traffic_backup_color gauge",
+    ]
+    for color in colors:
+        lines.append('grandmodel_traffic_backup_color{color="%s",upstream="%s"} %d'
+                     % (color, upstream_name, 1 if color == backup else 0))
+    return "\n".join(lines) + "\n"
 
 
 # -- front door verification ---------------------------------------------------------------------
@@ -218,9 +411,10 @@ class FrontDoorVerifier:
     def __init__(self, url, *, timeout=10.0, consecutive=3, validate_certs=True, interval=0.1,
                  request_timeout=2.0, sleep=time.sleep, clock=time.monotonic):
         self.url = url
-        self.timeout = float(timeout)
-        self.consecutive = max(1, int(consecutive))
-        self.interval = float(interval)
+        self.timeout = check_number("verify_timeout", timeout, above=0)
+        self.consecutive = check_number("verify_consecutive", consecutive, minimum=1, integer=True)
+        self.interval = check_number("verify_interval", interval, minimum=0)
+        request_timeout = check_number("verify request timeout", request_timeout, above=0)
         self.client = HttpClient(timeout=request_timeout, validate_certs=validate_certs)
         self.sleep = sleep
         self.clock = clock
@@ -277,41 +471,119 @@ class FrontDoorVerifier:
             self.sleep(self.interval)
 
 
+# -- nginx configuration test of a candidate ------------------------------------------------------
+
+_INCLUDE_RE = re.compile(r"(^|[\s;{}])include\s+(\"[^\"]*\"|'[^']*'|[^\s;]+)\s*;")
+
+
+def _strip_comment(line):
+    """The part of an nginx configuration line before an unquoted '#'."""
+    quote = None
+    for index, char in enumerate(line):
+        if quote:
+            if char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char == "#":
+            return line[:index]
+    return line
+
+
+def candidate_main_config(config_text, config_dir, upstream_file, candidate_file):
+    """The main configuration with the include of `upstream_file` pointed at `candidate_file`, or None.
+
+    Handles a direct include by path (absolute or relative to the configuration's directory) and a
+    glob matching the upstream file (expanded into explicit includes, in glob order). Returns None
+    when the main configuration does not include the upstream file itself (nested or not at all).
+    """
+    found = [False]
+    upstream_file = os.path.abspath(upstream_file)
+
+    def rewrite(match):
+        raw = match.group(2)
+        arg = raw[1:-1] if raw[:1] in "\"'" else raw
+        path = os.path.normpath(arg if os.path.isabs(arg) else os.path.join(config_dir, arg))
+        if path == upstream_file:
+            found[0] = True
+            return "%sinclude %s;" % (match.group(1), candidate_file)
+        if glob.has_magic(path) and os.path.dirname(path) == os.path.dirname(upstream_file) \
+                and fnmatch.fnmatchcase(os.path.basename(upstream_file), os.path.basename(path)) \
+                and not os.path.basename(upstream_file).startswith("."):
+            found[0] = True
+            others = [p for p in sorted(glob.glob(path)) if os.path.abspath(p) != upstream_file]
+            paths = sorted([*others, upstream_file])
+            return match.group(1) + " ".join(
+                "include %s;" % (candidate_file if p == upstream_file else p) for p in paths)
+        return match.group(0)
+
+    lines = []
+    for line in config_text.splitlines(True):
+        code = _strip_comment(line)
+        lines.append(_INCLUDE_RE.sub(rewrite, code) + line[len(code):])
+    return "".join(lines) if found[0] else None
+
+
+UPSTREAM_ONLY_CONFIG = """\
+# quantnova.grandmodel.traffic_switch: syntax test of a candidate upstream file on its own
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 16; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    include {candidate};
+}}
+"""
+
+
 # -- nginx ---------------------------------------------------------------------------------------
 
 class NginxBackend(TrafficBackend):
-    """Upstream file swapped atomically, validated by `nginx -t`, applied by a graceful reload."""
+    """Upstream file swapped atomically after `nginx -t` accepted it, applied by a graceful reload."""
 
     name = "nginx"
 
     def __init__(self, upstream_file, *, upstream_name="grandmodel_backend", backends=None, keepalive=32,
                  nginx_binary="nginx", nginx_config="/etc/nginx/nginx.conf", nginx_prefix=None,
-                 reload_command=None, state_file=None, verifier=None, command_timeout=60):
+                 reload_command=None, state_file=None, verifier=None, command_timeout=60, lock_timeout=30.0,
+                 metrics_file=None):
         self.upstream_file = os.path.abspath(upstream_file)
         self.upstream_name = upstream_name
         self.backends = backends or {}
-        self.keepalive = keepalive
+        self.keepalive = check_number("keepalive", keepalive, minimum=0, maximum=65535, integer=True)
         self.nginx_binary = nginx_binary
-        self.nginx_config = nginx_config
+        self.nginx_config = os.path.abspath(nginx_config)
         self.nginx_prefix = nginx_prefix
         self.reload_command = list(reload_command) if reload_command else None
         directory, base = os.path.split(self.upstream_file)
+        self.directory, self.base = directory, base
         self.backup_file = os.path.join(directory, ".%s.previous" % base)
+        self.journal_file = os.path.join(directory, ".%s.pending" % base)
+        self.lock_file = os.path.join(directory, ".%s.lock" % base)
         self.state = StateFile(state_file or os.path.join(directory, ".%s.state.json" % base))
+        self.metrics_file = metrics_file
         self.verifier = verifier
-        self.command_timeout = command_timeout
+        self.command_timeout = check_number("command_timeout", command_timeout, above=0)
+        self.lock_timeout = check_number("lock_timeout", lock_timeout, minimum=0)
         self.reloaded = False
         self.wrote = False
+        self.candidate = None
+        self.test_evidence = {}
 
     # commands
-    def _nginx(self, *args):
+    def _nginx(self, *args, config=None):
         cmd = [self.nginx_binary]
         if self.nginx_prefix:
             cmd += ["-p", self.nginx_prefix]
-        return [*cmd, "-c", self.nginx_config, *args]
+        return [*cmd, "-c", config or self.nginx_config, *args]
 
-    def test_command(self):
-        return self._nginx("-t")
+    def test_command(self, config=None):
+        return self._nginx("-t", config=config)
 
     def reload_cmd(self):
         return self.reload_command or self._nginx("-s", "reload")
@@ -330,35 +602,171 @@ class NginxBackend(TrafficBackend):
                                      command=cmd, rc=proc.returncode, stderr=proc.stderr, stdout=proc.stdout)
         return proc
 
+    # locking and crash recovery
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold an exclusive flock on .<upstream>.lock for the whole switch; wait up to lock_timeout."""
+        if fcntl is None:  # pragma: no cover
+            raise TrafficSwitchError("cannot lock %s: fcntl is not available on this platform" % self.lock_file)
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise TrafficSwitchError("cannot open the switch lock %s: %s" % (self.lock_file, exc.strerror or exc)) \
+                from exc
+        started = time.monotonic()
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise TrafficSwitchError("cannot lock %s: %s" % (self.lock_file, exc.strerror or exc)) \
+                            from exc
+                if time.monotonic() - started >= self.lock_timeout:
+                    holder = _read_text(self.lock_file) or "unknown"
+                    raise TrafficSwitchError(
+                        "cannot switch %s: another traffic switch holds the lock %s (%s); waited %.1fs "
+                        "(lock_timeout)" % (self.upstream_file, self.lock_file, holder.strip() or "unknown",
+                                            self.lock_timeout), lock_holder=holder.strip())
+                time.sleep(0.05)
+            waited = time.monotonic() - started
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, ("pid %d since %s" % (os.getpid(), _now())).encode(), 0)
+            yield {"lock_file": self.lock_file, "lock_waited_s": round(waited, 3)}
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def _journal(self):
+        text = _read_text(self.journal_file)
+        if text is None:
+            return None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = {}
+        return data if isinstance(data, dict) else {}
+
+    def recover(self):
+        """A journal left behind means a switch died mid-way (we hold the lock: it is not running).
+
+        Put back the file it replaced (kept as the backup file), reload nginx, and say what was done.
+        """
+        journal = self._journal()
+        if journal is None:
+            return None
+        done = []
+        if journal.get("replaced"):
+            if journal.get("before_existed"):
+                previous = _read_text(self.backup_file)
+                if previous is None:
+                    raise TrafficSwitchError(
+                        "a switch to %s (pid %s, %s) died before finishing and its backup %s is gone: check %s by "
+                        "hand, then remove %s" % (journal.get("color"), journal.get("pid"), journal.get("started"),
+                                                  self.backup_file, self.upstream_file, self.journal_file))
+                atomic_write(self.upstream_file, previous)
+                done.append("restored %s from %s" % (self.upstream_file, self.backup_file))
+            else:
+                _unlink_quietly(self.upstream_file)
+                done.append("removed %s (there was none before)" % self.upstream_file)
+            self._run(self.reload_cmd(), "nginx reload after undoing an interrupted switch")
+            done.append("reloaded nginx")
+        for leftover in (journal.get("candidate"),):
+            if leftover:
+                _unlink_quietly(leftover)
+        _unlink_quietly(self.journal_file)
+        return "a switch to %s (pid %s, started %s) had died without finishing: %s" % (
+            journal.get("color"), journal.get("pid"), journal.get("started"), "; ".join(done) or "nothing was live yet")
+
+    def _write_journal(self, plan, replaced):
+        record = {"pid": os.getpid(), "color": plan.color, "backup": plan.backup, "started": _now(),
+                  "before_existed": plan.before is not None, "replaced": replaced, "candidate": self.candidate}
+        atomic_write(self.journal_file, json.dumps(record, sort_keys=True) + "\n", mode=0o600)
+
+    def finish(self, plan):
+        _unlink_quietly(self.journal_file)
+        if self.candidate:
+            _unlink_quietly(self.candidate)
+
     # interface
     def read_state(self):
         record = self.state.read()
-        from_file = parse_active_color(_read_text(self.upstream_file))
+        text = _read_text(self.upstream_file)
+        from_file = parse_active_color(text)
         active = from_file or record.get("active")
         source = "upstream_file" if from_file else ("state_file" if record.get("active") else None)
         previous = record.get("previous")
         if record.get("active") and from_file and record.get("active") != from_file:
             # The file was switched by something else since our record: the record's active is the previous.
             previous = record.get("active")
+        backup = parse_backup_color(text) if text is not None else record.get("backup")
         return TrafficState(active=active, previous=previous, switched_at=record.get("switched_at"),
-                            source=source)
+                            source=source, backup=backup)
 
-    def plan(self, color):
+    def plan(self, color, backup=None):
         addresses = self.backends.get(color)
         if not addresses:
             raise TrafficSwitchError("cannot switch %s to %s: backends has no address for colour %s (known: %s)"
                                      % (self.upstream_file, color, color, ", ".join(sorted(self.backends)) or "none"))
-        after = render_upstream(self.upstream_name, color, addresses, self.keepalive)
-        return SwitchPlan(self.read_state(), color, _read_text(self.upstream_file), after, self.upstream_file)
+        backup_addresses = ()
+        if backup:
+            backup_addresses = self.backends.get(backup) or ()
+            if backup == color:
+                raise TrafficSwitchError("cannot switch %s to %s with %s as backup: a colour cannot back up itself"
+                                         % (self.upstream_file, color, backup))
+            if not backup_addresses:
+                raise TrafficSwitchError("cannot keep %s as backup in %s: backends has no address for colour %s"
+                                         % (backup, self.upstream_file, backup))
+        after = render_upstream(self.upstream_name, color, addresses, self.keepalive, backup, backup_addresses)
+        return SwitchPlan(self.read_state(), color, _read_text(self.upstream_file), after, self.upstream_file,
+                          backup=backup)
+
+    def test_candidate(self, candidate):
+        """`nginx -t` of the configuration as it would be with `candidate` in place of the live upstream file."""
+        config_dir = os.path.dirname(self.nginx_config)
+        main = _read_text(self.nginx_config)
+        text = candidate_main_config(main, config_dir, self.upstream_file, candidate) if main is not None else None
+        if text is not None:
+            # Beside the real one, so relative includes (mime.types, ...) resolve the same way.
+            config = _write_temp(config_dir, os.path.basename(self.nginx_config), text, 0o600, suffix=".candidate")
+            scope = "main_config"
+            cleanup = [config]
+        else:
+            tmp = tempfile.mkdtemp(prefix="grandmodel-nginx-test-")
+            config = os.path.join(tmp, "nginx.conf")
+            with open(config, "w", encoding="utf-8") as handle:
+                handle.write(UPSTREAM_ONLY_CONFIG.format(tmp=tmp, candidate=candidate))
+            scope = "upstream_only"
+            cleanup = [tmp]
+        try:
+            self._run(self.test_command(config), "nginx configuration test (%s) with the candidate for %s"
+                      % (self.nginx_config, self.upstream_file))
+        finally:
+            for path in cleanup:
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    _unlink_quietly(path)
+        note = ("the main configuration %s with the candidate in place of %s" % (self.nginx_config, self.upstream_file)
+                if scope == "main_config" else
+                "the candidate on its own: %s does not include %s directly" % (self.nginx_config, self.upstream_file))
+        self.test_evidence = {"tested": scope, "note": note}
+        return self.test_evidence
 
     def apply(self, plan):
         self.reloaded = self.wrote = False
+        self.candidate = _write_temp(self.directory, self.base, plan.after, _file_mode(self.upstream_file),
+                                     suffix=".candidate")
         if plan.before is not None:
             atomic_write(self.backup_file, plan.before)
-        atomic_write(self.upstream_file, plan.after)
+        self._write_journal(plan, replaced=False)
+        self.test_candidate(self.candidate)
+        # Tested: from here the live file changes, so the journal says so first (a SIGKILL after this
+        # point is undone by the next run's recover()).
+        self._write_journal(plan, replaced=True)
         self.wrote = True
-        self._run(self.test_command(),
-                  "nginx configuration test (%s) with %s" % (self.nginx_config, self.upstream_file))
+        replace_file(self.candidate, self.upstream_file)
+        self.candidate = None
         self.reloaded = True  # a failed reload may have half-happened: reload again after restoring
         self._run(self.reload_cmd(), "nginx reload")
 
@@ -369,77 +777,132 @@ class NginxBackend(TrafficBackend):
 
     def restore(self, plan):
         done = []
+        if self.candidate:
+            _unlink_quietly(self.candidate)
+            self.candidate = None
         if self.wrote:
             if plan.before is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.upstream_file)
+                _unlink_quietly(self.upstream_file)
                 done.append("removed %s (there was none before)" % self.upstream_file)
             else:
                 atomic_write(self.upstream_file, plan.before)
                 done.append("restored %s from %s" % (self.upstream_file, self.backup_file))
+        else:
+            done.append("the live %s was never replaced" % self.upstream_file)
         if self.reloaded:
             self._run(self.reload_cmd(), "nginx reload after restoring %s" % self.upstream_file)
             done.append("reloaded nginx")
-        return "; ".join(done) or "nothing to undo"
+        self.finish(plan)
+        return "; ".join(done)
 
     def record_switch(self, color, previous):
-        return self.state.write(color, previous)
+        return self.state.write(color, previous, parse_backup_color(_read_text(self.upstream_file)))
+
+    def export_state(self):
+        """Write the live and backup colour for node_exporter's textfile collector; True when it changed."""
+        if not self.metrics_file:
+            return False
+        state = self.read_state()
+        colors = sorted(set(COLORS) | set(self.backends))
+        text = render_metrics(state.active, state.backup, colors, self.upstream_name)
+        if _read_text(self.metrics_file) == text:
+            return False
+        directory = os.path.dirname(os.path.abspath(self.metrics_file))
+        if not os.path.isdir(directory):
+            raise TrafficSwitchError("cannot export the live colour to %s: the directory %s does not exist (the "
+                                     "node exporter's textfile directory)" % (self.metrics_file, directory))
+        atomic_write(self.metrics_file, text, mode=0o644)
+        return True
 
 
-def switch_traffic(backend, color, check_mode=False, want_diff=False):
-    """Plan, apply, verify; on any failure restore and raise TrafficSwitchError with the evidence."""
-    plan = backend.plan(color)
-    state = plan.state
-    result = {
-        "changed": plan.changed,
-        "active_color": color,
-        "previous_color": state.active if (plan.changed and state.active != color) else state.previous,
-        "verified": False,
-        "verification": {},
-        "backend": backend.name,
-    }
-    if want_diff:
-        result["diff"] = plan.diff()
-    if not plan.changed or check_mode:
-        if not plan.changed:
-            result["verification"] = {"skipped": "no change"}
-        else:
-            result["verification"] = {"skipped": "check mode"}
+def switch_traffic(backend, color, check_mode=False, want_diff=False, backup_color=None):
+    """Lock, plan, apply, verify; on ANY failure or interrupt restore, then raise.
+
+    A TrafficSwitchError or an interrupting signal is raised as TrafficSwitchError carrying the evidence;
+    anything else (a bug, KeyboardInterrupt) is re-raised as it was, after the restore.
+    """
+    lock = contextlib.nullcontext({}) if check_mode else backend.lock()
+    with lock as lock_evidence:
+        recovered = None if check_mode else backend.recover()
+        plan = backend.plan(color, backup=backup_color) if backup_color else backend.plan(color)
+        state = plan.state
+        result = {
+            "changed": plan.changed,
+            "active_color": color,
+            "backup_color": plan.backup,
+            "previous_color": state.active if (state.active and state.active != color) else state.previous,
+            "verified": False,
+            "verification": {},
+            "backend": backend.name,
+        }
+        if lock_evidence:
+            result["lock"] = lock_evidence
+        if recovered:
+            result["recovered"] = recovered
+            result["changed"] = True
+        if want_diff:
+            result["diff"] = plan.diff()
+        if recovered and not plan.changed:
+            # The recovery reloaded nginx: prove the colour it put back answers, as after any switch.
+            result["verification"] = _verify_quietly(backend, color)
+            result["verified"] = bool(result["verification"].get("verified"))
+            return result
+        if not plan.changed or check_mode:
+            result["verification"] = {"skipped": "no change" if not plan.changed else "check mode"}
+            return result
+        started = time.monotonic()
+        phase = "applying"
+        with InterruptGuard() as guard:
+            try:
+                backend.apply(plan)
+                phase = "verifying"
+                evidence = backend.verify(color)
+                guard.disarm()
+            except BaseException as exc:  # restore on anything, then raise again
+                with guard.held_back():
+                    restored, undo, restore_evidence = _restore_and_check(backend, plan, state)
+                note = "previous state restored (%s)" % undo if restored else undo
+                if restore_evidence.get("verified"):
+                    note += "; %s answers again" % state.active
+                elif restored and restore_evidence and not restore_evidence.get("skipped"):
+                    note += "; WARNING: %s was not seen answering again (%s)" % (
+                        state.active, restore_evidence.get("error"))
+                details = dict(active_color=state.active, previous_color=state.previous, restored=restored,
+                               restore_verification=restore_evidence, phase=phase, **dict(lock_evidence or {}))
+                if isinstance(exc, TrafficSwitchError):
+                    extra = {k: v for k, v in exc.result.items() if k != "verification"}
+                    message = "switching %s traffic to %s on %s failed: %s; %s" % (
+                        backend.name, color, plan.target, exc, note)
+                    raise TrafficSwitchError(message, verification=exc.result.get("verification", {}),
+                                             **dict(details, **extra)) from exc
+                if isinstance(exc, SwitchInterrupted):
+                    message = "switching %s traffic to %s on %s was %s while %s; %s" % (
+                        backend.name, color, plan.target, exc, phase, note)
+                    raise TrafficSwitchError(message, interrupted=exc.signame, **details) from exc
+                if hasattr(exc, "add_note"):
+                    exc.add_note("traffic_switch: %s while %s; %s" % (type(exc).__name__, phase, note))
+                raise
+        record = backend.record_switch(color, result["previous_color"])
+        backend.finish(plan)
+        result["verified"] = bool(evidence.get("verified"))
+        result["verification"] = evidence
+        result["switched_at"] = record.get("switched_at")
+        result["seconds"] = round(time.monotonic() - started, 3)
+        if getattr(backend, "test_evidence", None):
+            result["config_test"] = backend.test_evidence
         return result
-    started = time.monotonic()
-    try:
-        backend.apply(plan)
-        evidence = backend.verify(color)
-    except TrafficSwitchError as exc:
-        restored, undo = _restore(backend, plan)
-        note = "previous state restored (%s)" % undo if restored else undo
-        restore_evidence = {}
-        if restored and state.active and plan.before is not None:
-            restore_evidence = _verify_quietly(backend, state.active)
-            if restore_evidence.get("verified"):
-                note += "; %s answers again" % state.active
-            elif not restore_evidence.get("skipped"):
-                note += "; WARNING: %s was not seen answering again (%s)" % (
-                    state.active, restore_evidence.get("error"))
-        extra = {k: v for k, v in exc.result.items() if k != "verification"}
-        raise TrafficSwitchError(
-            "switching %s traffic to %s on %s failed: %s; %s" % (backend.name, color, plan.target, exc, note),
-            active_color=state.active, previous_color=state.previous, restored=restored,
-            verification=exc.result.get("verification", {}), restore_verification=restore_evidence,
-            **extra) from exc
-    record = backend.record_switch(color, result["previous_color"])
-    result["verified"] = bool(evidence.get("verified"))
-    result["verification"] = evidence
-    result["switched_at"] = record.get("switched_at")
-    result["seconds"] = round(time.monotonic() - started, 3)
-    return result
 
 
-def _restore(backend, plan):
+def _restore_and_check(backend, plan, state):
     try:
-        return True, backend.restore(plan)
+        undo = backend.restore(plan)
+        restored = True
     except TrafficSwitchError as exc:
-        return False, "restoring the previous state failed too: %s" % exc
+        return False, "restoring the previous state failed too: %s" % exc, {}
+    restore_evidence = {}
+    if state.active and plan.before is not None and getattr(backend, "reloaded", True):
+        restore_evidence = _verify_quietly(backend, state.active)
+    return restored, undo, restore_evidence
 
 
 def _verify_quietly(backend, color):

@@ -18,7 +18,7 @@ description:
     consecutive measurements errored. Otherwise it takes all O(count) measurements and passes only when the
     B(last) one is successful; failures and errors tolerated earlier in the window are forgiven only if the
     service answers correctly afterwards. A gate never passes early, and never without a successful measurement.
-  - A measurement that gets no answer in time is an error, not a pass: all requests of one measurement share
+  - A measurement that gets no answer in time is an error, not a pass; all requests of one measurement share
     O(measurement_timeout) seconds, so a service that accepts connections but never answers (hung, stopped)
     costs at most that long per measurement, and the whole gate at most
     O(initial_delay) + O(count) * (O(interval) + O(measurement_timeout)) seconds.

@@ -10,16 +10,30 @@ short_description: Read or atomically switch the live colour of a blue-green ser
 version_added: 0.1.0
 description:
   - Reads which colour (V(blue) or V(green)) the front door sends traffic to, or switches it.
-  - With O(backend=nginx) the colour lives in an upstream file included by nginx. A switch writes the new file
-    to a hidden temporary file in the same directory (so an C(include dir/*.conf) glob never sees it), keeps a copy
-    of the current file as C(.<name>.previous), moves the new file into place with an atomic rename, runs
-    C(nginx -t), reloads nginx gracefully and then proves through O(verify_url) that the new colour answers
-    O(verify_consecutive) times in a row.
-  - If the configuration test, the reload or the verification fails, the previous file is put back (and nginx
-    reloaded again if a reload had happened) and the module fails with what was attempted, on what and why,
-    including the output of C(nginx -t).
+  - With O(backend=nginx) the colour lives in an upstream file included by nginx. A switch takes an exclusive
+    lock (C(flock) on C(.<name>.lock) beside the file, waiting up to O(lock_timeout)), writes the new file as a
+    hidden candidate in the same directory (so an C(include dir/*.conf) glob never sees it), keeps a copy of the
+    current file as C(.<name>.previous), runs C(nginx -t) on the configuration as it would be with the candidate
+    in place, and only then moves the candidate over the live file with an atomic rename, reloads nginx gracefully
+    and proves through O(verify_url) that the new colour answers O(verify_consecutive) times in a row.
+  - C(nginx -t) tests the candidate inside the main configuration O(nginx_config) when that file includes the
+    upstream file directly (by path, or by a glob such as C(conf.d/*.conf)); otherwise it tests the candidate on
+    its own, and RV(config_test) says which.
+  - On any failure (configuration refused, reload failed, verification failed, an HTTP-level error, an unexpected
+    error) and on SIGTERM, SIGHUP or SIGINT while applying or verifying, the previous file is put back (and nginx
+    reloaded again if a reload had happened) with those signals held back, and the module fails with what was
+    attempted, on what and why, including the output of C(nginx -t).
+  - A journal (C(.<name>.pending)) exists while a switch is in flight. If a switch is killed outright (SIGKILL),
+    the next run of the module finds it under the lock, restores the file the dead switch replaced, reloads nginx
+    and reports it in RV(recovered) before doing anything else.
+  - With O(backup_color), the upstream keeps that colour's servers as nginx C(backup); with the site's
+    C(proxy_next_upstream), requests that fail on the live colour (refused, timed out, 502/503) are retried on the
+    warm colour at once. A live server that fails once is then skipped for 5 s. Switching without O(backup_color)
+    removes the backup servers in the same atomic switch.
   - Requesting the colour that is already active with an identical upstream file changes nothing.
-  - After a verified switch a small JSON record C({active, previous, switched_at}) is written to O(state_file).
+  - After a verified switch a small JSON record C({active, previous, backup, switched_at}) is written to
+    O(state_file), and with O(metrics_file) the live and backup colour are exported for node_exporter's textfile
+    collector (also after a restore, and when the file is missing or stale even if the upstream needs no change).
   - Haproxy and Kubernetes backends are planned; the choice exists so playbooks name the backend today.
 author:
   - GrandModel Ops (@quantnova)
@@ -43,12 +57,21 @@ options:
   state:
     description:
       - V(active) makes O(color) the live colour.
+      - V(previous) makes the colour that was live before the last recorded switch (RV(previous_color)) live again,
+        the emergency switch-back that needs no other input than O(backends).
       - V(query) only reads the live colour and changes nothing.
     type: str
-    choices: [active, query]
+    choices: [active, previous, query]
     default: active
   color:
     description: The colour to make live. Required with O(state=active).
+    type: str
+    choices: [blue, green]
+  backup_color:
+    description:
+      - A colour to keep in the upstream as nginx C(backup) behind O(color), for example the old colour during the
+        warm window after a release. Must differ from the live colour and have addresses in O(backends).
+      - Omitted, the upstream holds only the live colour (a backup left by an earlier switch is removed).
     type: str
     choices: [blue, green]
   upstream_file:
@@ -98,17 +121,35 @@ options:
     type: bool
     default: true
   verify_timeout:
-    description: Seconds to wait for the new colour to answer O(verify_consecutive) times in a row.
+    description: Seconds to wait for the new colour to answer O(verify_consecutive) times in a row; above 0.
     type: float
     default: 10.0
   verify_consecutive:
-    description: Consecutive answers from the new colour needed; old nginx workers may answer for a moment.
+    description: Consecutive answers from the new colour needed (1 or more); old nginx workers may answer for a moment.
     type: int
     default: 3
   verify_interval:
-    description: Seconds between verification requests.
+    description: Seconds between verification requests; 0 or more.
     type: float
     default: 0.1
+  lock_timeout:
+    description:
+      - Seconds to wait for another switch of the same upstream file to finish (0 or more); then the module fails
+        naming the holder of the lock. Two switches never interleave.
+    type: float
+    default: 30.0
+  command_timeout:
+    description: Seconds C(nginx -t) and the reload command may take (above 0).
+    type: float
+    default: 60.0
+  metrics_file:
+    description:
+      - File to write the live and backup colour to in Prometheus text format, for node_exporter's textfile
+        collector, for example C(/var/lib/prometheus/node-exporter/grandmodel_traffic.prom). Its directory must
+        exist. Gauges C(grandmodel_traffic_active_color{color,upstream}) and
+        C(grandmodel_traffic_backup_color{color,upstream}), 1 or 0 for each colour.
+      - Empty (the default) exports nothing.
+    type: path
   state_file:
     description:
       - JSON record of the live and the previous colour, written after each verified switch.
@@ -116,7 +157,9 @@ options:
     type: path
 notes:
   - The C(include) that pulls O(upstream_file) into nginx should use a glob such as C(conf.d/*.conf) or C(dir/*);
-    the temporary, backup and state files are dot-files, which such globs never match.
+    the temporary, candidate, backup, journal, lock and state files are dot-files, which such globs never match.
+  - Numeric options are checked before anything is touched; a negative, zero (where it must be above 0),
+    infinite or NaN value fails with the option's name.
 seealso:
   - module: quantnova.grandmodel.health_gate
 """
@@ -228,6 +271,42 @@ restored:
   returned: on failure
   type: bool
   sample: true
+backup_color:
+  description: The colour kept as nginx backup after the run (V(null) when none).
+  returned: with O(state=active) or O(state=previous), and with O(state=query)
+  type: str
+  sample: blue
+config_test:
+  description:
+    - What C(nginx -t) tested before the live file was replaced (C(tested) is V(main_config) or V(upstream_only)).
+  returned: when a switch was made
+  type: dict
+  sample: {tested: main_config, note: the main configuration /etc/nginx/nginx.conf with the candidate in place}
+lock:
+  description: The lock file and how long the switch waited for it (C(lock_file), C(lock_waited_s)).
+  returned: with O(state=active) or O(state=previous), outside check mode
+  type: dict
+  sample: {lock_file: /etc/nginx/grandmodel/.upstream.conf.lock, lock_waited_s: 0.0}
+recovered:
+  description: What was undone of an earlier switch that had died without finishing (its journal was found).
+  returned: when such a switch was found
+  type: str
+  sample: "a switch to green (pid 4242, started 2026-06-02T07:55:01Z) had died without finishing: restored ..."
+metrics_changed:
+  description: Whether O(metrics_file) was (re)written.
+  returned: with O(metrics_file)
+  type: bool
+  sample: true
+interrupted:
+  description: The signal that interrupted the switch (the previous state was restored before the module failed).
+  returned: on failure by a signal
+  type: str
+  sample: SIGTERM
+phase:
+  description: What the switch was doing when it failed, V(applying) or V(verifying).
+  returned: on failure
+  type: str
+  sample: verifying
 restore_verification:
   description:
     - On failure after a restore, evidence that the previous colour answers through O(verify_url) again,
@@ -250,8 +329,9 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic impor
 def argument_spec():
     return dict(
         backend=dict(type="str", choices=["nginx"], default="nginx"),
-        state=dict(type="str", choices=["active", "query"], default="active"),
+        state=dict(type="str", choices=["active", "previous", "query"], default="active"),
         color=dict(type="str", choices=list(COLORS)),
+        backup_color=dict(type="str", choices=list(COLORS)),
         upstream_file=dict(type="path", required=True),
         upstream_name=dict(type="str", default="grandmodel_backend"),
         backends=dict(type="dict"),
@@ -265,6 +345,9 @@ def argument_spec():
         verify_timeout=dict(type="float", default=10.0),
         verify_consecutive=dict(type="int", default=3),
         verify_interval=dict(type="float", default=0.1),
+        lock_timeout=dict(type="float", default=30.0),
+        command_timeout=dict(type="float", default=60.0),
+        metrics_file=dict(type="path"),
         state_file=dict(type="path"),
     )
 
@@ -281,25 +364,58 @@ def build_backend(params):
         backends=params["backends"] or {}, keepalive=params["keepalive"],
         nginx_binary=params["nginx_binary"], nginx_config=params["nginx_config"],
         nginx_prefix=params["nginx_prefix"], reload_command=params["reload_command"],
-        state_file=params["state_file"], verifier=verifier,
+        state_file=params["state_file"], verifier=verifier, lock_timeout=params["lock_timeout"],
+        command_timeout=params["command_timeout"], metrics_file=params["metrics_file"],
     )
 
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True,
-                           required_if=[("state", "active", ("color", "backends"))])
+                           required_if=[("state", "active", ("color", "backends")),
+                                        ("state", "previous", ("backends",))])
     params = module.params
-    backend = build_backend(params)
-    paths = dict(upstream_file=backend.upstream_file, state_file=backend.state.path)
+    paths = dict(upstream_file=params["upstream_file"])
     try:
+        backend = build_backend(params)
+        paths = dict(upstream_file=backend.upstream_file, state_file=backend.state.path)
         if params["state"] == "query":
             state = backend.read_state()
             module.exit_json(changed=False, active_color=state.active, previous_color=state.previous,
-                             switched_at=state.switched_at, source=state.source, **paths)
-        result = switch_traffic(backend, params["color"], check_mode=module.check_mode, want_diff=module._diff)
+                             backup_color=state.backup, switched_at=state.switched_at, source=state.source, **paths)
+        color = params["color"]
+        if params["state"] == "previous":
+            state = backend.read_state()
+            color = state.previous
+            if color not in COLORS:
+                raise TrafficSwitchError("cannot switch %s back: no previous colour is recorded in %s (live: %s); name "
+                                         "the colour with state=active" % (backend.upstream_file, backend.state.path,
+                                                                           state.active))
+        if params["backup_color"] and params["backup_color"] == color:
+            raise TrafficSwitchError("cannot switch %s to %s with backup_color %s: a colour cannot back up itself"
+                                     % (backend.upstream_file, color, params["backup_color"]))
+        result = switch_traffic(backend, color, check_mode=module.check_mode, want_diff=module._diff,
+                                backup_color=params["backup_color"])
     except TrafficSwitchError as exc:
-        module.fail_json(msg=str(exc), **dict(exc.result, **paths))
+        failure = dict(exc.result, **paths)
+        if params["metrics_file"] and not module.check_mode and "backend" in locals():
+            failure["metrics_changed"] = _export_quietly(backend, failure)
+        module.fail_json(msg=str(exc), **failure)
+    if params["metrics_file"] and not module.check_mode:
+        try:
+            result["metrics_changed"] = backend.export_state()
+        except TrafficSwitchError as exc:
+            module.fail_json(msg="traffic is on %s, but %s" % (result["active_color"], exc), **dict(result, **paths))
+        result["changed"] = result["changed"] or result["metrics_changed"]
     module.exit_json(**dict(result, **paths))
+
+
+def _export_quietly(backend, failure):
+    """After a failed (restored) switch the metrics still say what is live; a failure to write them is noted."""
+    try:
+        return backend.export_state()
+    except TrafficSwitchError as exc:
+        failure["metrics_error"] = str(exc)
+        return False
 
 
 if __name__ == "__main__":

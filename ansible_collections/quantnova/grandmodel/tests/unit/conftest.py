@@ -155,7 +155,8 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_connect_timeout 1s;
-            proxy_next_upstream off;
+            proxy_read_timeout 1s;
+            proxy_next_upstream {next_upstream};
         }}
     }}
 }}
@@ -185,8 +186,11 @@ class NginxUnderTest:
         addresses.update(override)
         return addresses
 
-    def write_conf(self, extra: str = "") -> None:
-        self.conf.write_text(NGINX_CONF.format(prefix=self.prefix, port=self.port, extra=extra))
+    def write_conf(self, extra: str = "", next_upstream: str = "off") -> None:
+        """The main configuration; `next_upstream` is the site's proxy_next_upstream (the front door's
+        is `error timeout http_502 http_503 non_idempotent`)."""
+        self.conf.write_text(NGINX_CONF.format(prefix=self.prefix, port=self.port, extra=extra,
+                                               next_upstream=next_upstream))
 
     def cmd(self, *args: str) -> list[str]:
         return [self.binary, "-p", str(self.prefix), "-c", str(self.conf), *args]

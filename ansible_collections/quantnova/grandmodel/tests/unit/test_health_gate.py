@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -622,6 +623,9 @@ class RawServer:
                 conn.close()
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone leaves the port listening.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         for conn in self.held:
             conn.close()

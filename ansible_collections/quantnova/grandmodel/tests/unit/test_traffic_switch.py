@@ -81,9 +81,11 @@ def test_check_mode_plan_reports_diff_and_touches_nothing(tmp_path: Path) -> Non
 def test_missing_nginx_binary_fails_and_removes_the_new_file(tmp_path: Path) -> None:
     upstream = tmp_path / "up.conf"
     backend = NginxBackend(str(upstream), backends={"green": ["127.0.0.1:2"]}, nginx_binary="/nonexistent/nginx")
-    with pytest.raises(TrafficSwitchError, match=r"cannot run /nonexistent/nginx.*removed"):
+    with pytest.raises(TrafficSwitchError, match=r"cannot run /nonexistent/nginx.*was never replaced"):
         switch_traffic(backend, "green")
     assert not upstream.exists()
+    # No candidate or journal is left behind; only the (unlocked) lock file stays.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".up.conf.lock"]
 
 
 # -- the module against a real nginx --------------------------------------------------------------
