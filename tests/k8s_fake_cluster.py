@@ -1,0 +1,301 @@
+"""A small in-memory Kubernetes API on loopback, enough for kubernetes.core.k8s and k8s_info to run for real.
+
+No API server binary can be had on these machines. This one serves what kubernetes.core's dynamic client
+asks for: /version, API discovery (/api, /apis, each group version's resource list), GET and LIST of
+objects (labelSelector), and server-side apply (PATCH application/apply-patch+yaml, honouring
+dryRun=All and fieldManager, refusing a changed field owned by another manager with 409 unless force),
+plus JSON merge patch. Deployments report every replica ready, as a settled controller would.
+
+It is not kube-apiserver: no admission, defaulting, validation or RBAC (kubernetes-validate covers the
+schemas; the rest is listed as unverified in docs/kubernetes.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import yaml
+
+# group version -> [(resource, kind, namespaced, verbs)]
+RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
+    "v1": [("namespaces", "Namespace", False), ("services", "Service", True), ("pods", "Pod", True),
+           ("serviceaccounts", "ServiceAccount", True), ("resourcequotas", "ResourceQuota", True),
+           ("limitranges", "LimitRange", True), ("secrets", "Secret", True)],
+    "apps/v1": [("deployments", "Deployment", True)],
+    "rbac.authorization.k8s.io/v1": [("roles", "Role", True), ("rolebindings", "RoleBinding", True)],
+    "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy", True), ("ingresses", "Ingress", True)],
+    "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
+    "autoscaling/v2": [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
+    "discovery.k8s.io/v1": [("endpointslices", "EndpointSlice", True)],
+}
+VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+
+
+def status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+def merge(base: Any, applied: Any) -> Any:
+    if isinstance(base, dict) and isinstance(applied, dict):
+        out = dict(base)
+        for key, value in applied.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = merge(base.get(key), value)
+        return out
+    return copy.deepcopy(applied)
+
+
+def leaves(obj: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Field paths of an applied configuration (lists count as one field, as SSA's atomic lists do)."""
+    if isinstance(obj, dict):
+        found: dict[tuple[str, ...], Any] = {}
+        for key, value in obj.items():
+            found.update(leaves(value, (*prefix, key)))
+        return found
+    return {prefix: obj}
+
+
+def get_path(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def matches(labels: dict[str, str], selector: str) -> bool:
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
+class FakeCluster(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.RLock()
+        self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}  # (gv, resource, ns, name)
+        # Which manager last set each field path of an object (a simplified managedFields).
+        self.owners: dict[tuple[str, str, str, str], dict[tuple[str, ...], str]] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.rv = 1000
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def start(self) -> FakeCluster:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def kubeconfig(self, token: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                "users": [{"name": "admin", "user": {"token": token}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "admin"}}]}
+
+    def get(self, gv: str, resource: str, ns: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((gv, resource, ns, name))
+
+    def writes(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["method"] in ("PATCH", "POST", "PUT", "DELETE")]
+
+    def store(self, key: tuple[str, str, str, str], obj: dict[str, Any]) -> dict[str, Any]:
+        self.rv += 1
+        self.requests[-1]["stored"] = True
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        meta["resourceVersion"] = str(self.rv)
+        if key[0] == "apps/v1" and key[1] == "deployments":
+            replicas = obj.get("spec", {}).get("replicas", 1)
+            meta["generation"] = meta.get("generation", 0) + 1
+            obj["status"] = {"observedGeneration": meta["generation"], "replicas": replicas,
+                             "readyReplicas": replicas, "updatedReplicas": replicas,
+                             "availableReplicas": replicas,
+                             "conditions": [
+                                 {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                                 {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]}
+        self.objects[key] = obj
+        return obj
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FakeCluster
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _send(self, code: int, payload: Any) -> None:
+        raw = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        try:
+            self.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _parse(self) -> tuple[str | None, str | None, str, str | None, str | None]:
+        """-> (group version, resource, namespace, name, subresource) of an object path."""
+        parts = urlparse(self.path).path.strip("/").split("/")
+        if parts[0] == "api":
+            gv, rest = parts[1], parts[2:]
+        elif parts[0] == "apis" and len(parts) >= 3:
+            gv, rest = "/".join(parts[1:3]), parts[3:]
+        else:
+            return None, None, "", None, None
+        ns = ""
+        if len(rest) >= 2 and rest[0] == "namespaces" and (len(rest) > 2 or gv != "v1"):
+            ns, rest = rest[1], rest[2:]
+        elif rest[:1] == ["namespaces"] and gv == "v1":
+            pass
+        resource = rest[0] if rest else None
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        return gv, resource, ns, name, sub
+
+    def _discovery(self, path: str) -> Any:
+        if path == "/version":
+            return {"major": "1", "minor": "30", "gitVersion": "v1.30.4", "platform": "linux/amd64"}
+        if path == "/api":
+            return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+        if path == "/apis":
+            groups = []
+            for gv in RESOURCES:
+                if "/" in gv:
+                    group, version = gv.split("/")
+                    entry = {"groupVersion": gv, "version": version}
+                    groups.append({"name": group, "versions": [entry], "preferredVersion": entry})
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+        gv = path.removeprefix("/api/").removeprefix("/apis/")
+        if gv in RESOURCES and path in (f"/api/{gv}", f"/apis/{gv}"):
+            resources = []
+            for resource, kind, namespaced in RESOURCES[gv]:
+                resources.append({"name": resource, "singularName": kind.lower(), "namespaced": namespaced,
+                                  "kind": kind, "verbs": VERBS})
+                if kind == "Deployment":
+                    resources.append({"name": f"{resource}/status", "singularName": "", "namespaced": True,
+                                      "kind": kind, "verbs": ["get", "patch", "update"]})
+            return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+        return None
+
+    def _handle(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        url = urlparse(self.path)
+        query = parse_qs(url.query)
+        server = self.server
+        with server.lock:
+            record = {"method": method, "path": self.path, "content_type": self.headers.get("Content-Type"),
+                      "dry_run": query.get("dryRun", [None])[0], "authorization": self.headers.get("Authorization")}
+            server.requests.append(record)
+            if method == "GET":
+                found = self._discovery(url.path)
+                if found is not None:
+                    return self._send(200, found)
+            gv, resource, ns, name, _sub = self._parse()
+            kinds = {r: k for r, k, _ in RESOURCES.get(gv or "", [])}
+            if resource not in kinds:
+                return self._send(404, status(404, "NotFound", f"the server could not find the requested resource "
+                                                               f"({self.path})"))
+            key = (gv or "", resource, ns, name or "")
+            if method == "GET" and name is None:
+                selector = query.get("labelSelector", [""])[0]
+                items = [o for (g, r, n, _), o in sorted(server.objects.items())
+                         if g == gv and r == resource and (not ns or n == ns)
+                         and matches(o["metadata"].get("labels") or {}, selector)]
+                return self._send(200, {"kind": kinds[resource] + "List", "apiVersion": gv,
+                                        "metadata": {"resourceVersion": str(server.rv)}, "items": items})
+            if method == "GET":
+                obj = server.objects.get(key)
+                if obj is None:
+                    return self._send(404, status(404, "NotFound", f'{resource} "{name}" not found'))
+                return self._send(200, obj)
+            if method == "PATCH":
+                return self._patch(key, kinds[resource], raw, query)
+            if method == "POST":
+                body = json.loads(raw)
+                key = (gv or "", resource, ns, body["metadata"]["name"])
+                if key in server.objects:
+                    return self._send(409, status(409, "AlreadyExists", f'{resource} "{key[3]}" already exists'))
+                if query.get("dryRun"):
+                    return self._send(201, body)
+                return self._send(201, server.store(key, body))
+            return self._send(405, status(405, "MethodNotAllowed", method))
+
+    def _patch(self, key: tuple[str, str, str, str], kind: str, raw: bytes, query: dict[str, list[str]]) -> None:
+        server = self.server
+        content_type = self.headers.get("Content-Type", "")
+        manager = query.get("fieldManager", ["unknown"])[0]
+        dry_run = bool(query.get("dryRun"))
+        current = server.objects.get(key)
+        if content_type.startswith("application/apply-patch"):
+            applied = yaml.safe_load(raw)
+            if applied.get("kind") != kind:
+                return self._send(400, status(400, "BadRequest", f"apply of kind {applied.get('kind')} to {kind}"))
+            owners = dict(server.owners.get(key, {}))
+            force = query.get("force", ["false"])[0] == "true"
+            conflicts = [".".join(p) for p, v in leaves(applied).items()
+                         if p[:1] != ("metadata",) or p[:2] in (("metadata", "labels"), ("metadata", "annotations"))
+                         if current is not None and owners.get(p, manager) != manager and get_path(current, p) != v]
+            if conflicts and not force:
+                return self._send(409, status(409, "Conflict", f"Apply failed with {len(conflicts)} conflict(s): "
+                                                               + "; ".join(conflicts)))
+            result = merge(current or {}, applied)
+            for path in leaves(applied):
+                owners[path] = manager
+            if dry_run:
+                return self._send(200 if current else 201, merge(result, {"metadata": {
+                    "resourceVersion": (current or {}).get("metadata", {}).get("resourceVersion", "0")}}))
+            if current is not None and merge(current, applied) == current:
+                return self._send(200, current)  # no change: same resourceVersion
+            server.owners[key] = owners
+            return self._send(200 if current else 201, server.store(key, result))
+        if current is None:
+            return self._send(404, status(404, "NotFound", f'{key[1]} "{key[3]}" not found'))
+        if content_type.startswith(("application/merge-patch+json", "application/strategic-merge-patch+json")):
+            patch = json.loads(raw)
+            result = merge(current, patch)
+            owners = server.owners.setdefault(key, {})
+            for path in leaves(patch):
+                owners[path] = manager
+            if dry_run:
+                return self._send(200, result)
+            return self._send(200, server.store(key, result))
+        return self._send(415, status(415, "UnsupportedMediaType", content_type))
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
