@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,8 +58,17 @@ def build_wheelhouse() -> Path:
     for old in WHEELHOUSE.glob("grandmodel_service-*.whl"):
         old.unlink()
     log("building the offline wheelhouse (service + dependencies, torch CPU)")
-    subprocess.run([str(VENV_BIN / "pip"), "wheel", "--quiet", "--disable-pip-version-check",
-                    "--wheel-dir", str(WHEELHOUSE), str(REPO / "model_service")], check=True)
+    started = time.monotonic()
+    proc = subprocess.Popen([str(VENV_BIN / "pip"), "wheel", "--quiet", "--disable-pip-version-check",
+                             "--wheel-dir", str(WHEELHOUSE), str(REPO / "model_service")])
+    while True:
+        try:
+            proc.wait(timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            log(f"... still building wheels ({time.monotonic() - started:.0f}s)")
+    if proc.returncode != 0:
+        raise SystemExit(f"[release] pip wheel failed with exit {proc.returncode}")
     stamp.write_text(digest + "\n")
     wheels = sorted(p.name for p in WHEELHOUSE.glob("*.whl"))
     pack_wheelhouse()

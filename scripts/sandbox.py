@@ -99,6 +99,23 @@ def run(cmd: list[str], *, check: bool = True, capture: bool = False,
     return proc
 
 
+def run_with_heartbeat(cmd: list[str], what: str, every: float = 30.0) -> None:
+    """Run a long, quiet command and say every `every` seconds that it is still working."""
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
+        while True:
+            try:
+                proc.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                log(f"... still {what} ({time.monotonic() - started:.0f}s)")
+        if proc.returncode != 0:
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace").strip()[-2000:]
+            raise SandboxError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise SandboxError("sandbox hosts need root (rootful podman with systemd containers); "
@@ -127,7 +144,8 @@ def prepare() -> None:
         log(f"installing Debian packages: {' '.join(missing)}")
         env_prefix = ["env", "DEBIAN_FRONTEND=noninteractive"]
         run([*env_prefix, "apt-get", "update", "-qq"])
-        run([*env_prefix, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing])
+        run_with_heartbeat([*env_prefix, "apt-get", "install", "-y", "-qq",
+                            "--no-install-recommends", *missing], "installing Debian packages")
     else:
         log("Debian packages present")
     configure_podman()
@@ -179,8 +197,9 @@ def build_image(force: bool) -> None:
     # ("cannot create .../test-dev-null: Permission denied" inside a container).
     with tempfile.TemporaryDirectory(prefix="gm-rootfs-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(IMAGE_PACKAGES)}",
-             "bookworm", str(rootfs), MIRROR], capture=True)
+        run_with_heartbeat(["debootstrap", "--variant=minbase",
+                            f"--include={','.join(IMAGE_PACKAGES)}", "bookworm", str(rootfs), MIRROR],
+                           "building the base image with debootstrap")
         (rootfs / "etc/apt/sources.list").write_text(
             f"deb {MIRROR} bookworm main\ndeb {MIRROR} bookworm-updates main\n")
         # Each container gets its own machine-id at boot; no console gettys in containers.
