@@ -6,6 +6,7 @@
 #      hosts (scripts/sandbox.py prepare)
 #   2. a self-check that this machine can run the suite (scripts/sandbox.py doctor)
 #   3. the project virtualenv .venv with the pinned Python dependencies (requirements.txt)
+#   4. the service wheelhouse that both commands ship to app hosts (scripts/build_release.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,3 +60,7 @@ if ! cmp -s scripts/ansible_test_get_pip.py "$cache"; then
   install -D -m 0644 scripts/ansible_test_get_pip.py "$cache"
   say "installed the offline pip bootstrap for ansible-test at $cache"
 fi
+
+# The inference service's offline wheelhouse (torch CPU included): both commands ship it to app
+# hosts (make demo, the rollout scenario of make test). Skipped when current for this source.
+.venv/bin/python scripts/build_release.py --wheelhouse-only
