@@ -184,10 +184,10 @@ class FakeApiServer(ThreadingHTTPServer):
                 self._published[service] = dict(wanted or {})
             self._lists_since_change[service] += 1
         published = self._published.get(service) or {}
+        published_selector = ",".join(f"{k}={v}" for k, v in published.items())
         endpoints = []
         for pod in self.pods.values():
-            if not published or not matches(pod["metadata"]["labels"], ",".join(f"{k}={v}" for k, v in
-                                                                                  published.items())):
+            if not published or not matches(pod["metadata"]["labels"], published_selector):
                 continue
             ready = pod_is_ready(pod)
             endpoints.append({
@@ -280,8 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
             if content_type.startswith("application/json-patch+json") and not isinstance(patch, list):
                 return 400, dict(status_body(400), reason="BadRequest",
                                  message="json: cannot unmarshal object into Go value of type jsonpatch.Patch")
-            if not content_type.startswith(("application/merge-patch+json",
-                                             "application/strategic-merge-patch+json")):
+            patch_types = ("application/merge-patch+json", "application/strategic-merge-patch+json")
+            if not content_type.startswith(patch_types):
                 return 415, dict(status_body(415), reason="UnsupportedMediaType",
                                  message=f"the body of the request was in an unknown format - {content_type}")
             wanted_rv = (patch.get("metadata") or {}).pop("resourceVersion", None)

@@ -286,7 +286,7 @@ def test_a_hung_api_server_is_bounded_by_the_request_timeout(api: FakeApiServer)
 
 
 def test_an_unreachable_api_server_fails_fast_without_restore_attempts() -> None:
-    client, _ = build_api_client(host=f"http://127.0.0.1:{free_port()}", api_key=TOKEN)
+    client, _source = build_api_client(host=f"http://127.0.0.1:{free_port()}", api_key=TOKEN)
     be = KubernetesBackend(KubernetesApi(client, request_timeout=1.0), "grandmodel", "grandmodel")
     with pytest.raises(TrafficSwitchError, match=r"no answer from the Kubernetes API at http://127\.0\.0\.1"):
         switch_traffic(be, "green")
