@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from grandmodel_service.app import create_app
-from grandmodel_service.export import export_model
-from grandmodel_service.settings import Settings
+#: Benchmark tooling (load generator, baselines) lives beside the package, not in its wheel.
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH_DIR))
+
+from grandmodel_service.app import create_app  # noqa: E402
+from grandmodel_service.export import export_model  # noqa: E402
+from grandmodel_service.settings import Settings  # noqa: E402
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 

@@ -70,7 +70,8 @@ def test_drain_and_resume(client: TestClient) -> None:
 
 def test_drain_waits_for_in_flight_predictions(make_settings: Callable[..., Settings]) -> None:
     """Requests accepted before the drain all finish with 200; the drain reports zero left."""
-    app = create_app(make_settings())
+    # Forward passes on a thread so that a slow one leaves the loop free to accept more.
+    app = create_app(make_settings(inline_inference=False))
 
     async def scenario() -> None:
         async with app.router.lifespan_context(app):

@@ -36,6 +36,7 @@ def test_version_matches_the_manifests(client: TestClient, artifacts) -> None:
             "version": "1.2.3",
             "sha256": manifest.sha256,
             "ready": True,
+            "input_domain": "default",
         }
 
 

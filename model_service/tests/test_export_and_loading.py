@@ -24,7 +24,11 @@ def test_manifest_describes_the_artifact(artifacts: Path, name: str, shape: list
     assert data["version"] == "1.2.3"
     assert data["created_at"].endswith("Z")
     assert data["sha256"] == hashlib.sha256(artifact.read_bytes()).hexdigest()
+    domain = data["input"].pop("domain")
     assert data["input"] == {"shape": shape, "dtype": "float32", "batch_dim": 0}
+    assert domain["source"] == "default"
+    assert [f["name"] for f in domain["features"]] == [f"f{i}" for i in range(shape[1])]
+    assert {(f["min"], f["max"]) for f in domain["features"]} == {(-1e4, 1e4)}
     assert data["output"]["actions"] == ["short", "neutral", "long"]
     samples = data["golden"]["samples"]
     assert len(samples) == 4

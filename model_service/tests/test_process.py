@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-
-from grandmodel_service.loadgen import build_request
+from loadgen import build_request
 
 from .conftest import ADMIN_TOKEN, matrix
 
@@ -56,6 +55,7 @@ def server(artifacts: Path, tmp_path: Path):
         "GRANDMODEL_WARMUP_ITERATIONS": "1",
         "GRANDMODEL_GRACEFUL_TIMEOUT_S": "60",
         "GRANDMODEL_MAX_MC_PASSES": "1000",
+        "GRANDMODEL_MC_QUEUE_LIMIT": "32",  # the SIGTERM test queues 12 slow MC requests
     }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -137,7 +137,7 @@ def test_raw_http_loadgen_against_the_real_server(server) -> None:
     """The benchmark's generator speaks HTTP/1.1 keep-alive correctly (short, bounded run)."""
     import asyncio
 
-    from grandmodel_service.loadgen import run_load
+    from loadgen import run_load
 
     _, port, _ = server
     body = orjson.dumps({"inputs": matrix((48, 13))}, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -37,6 +37,9 @@ class MicroBatcher:
     and never longer than ``max_wait_s`` in all. A lone client never waits; a crowd batches
     well. Event-loop timers have 1 ms resolution, too coarse for this, hence the yielding.
     A request larger than ``max_batch_size`` runs alone.
+
+    With ``executor=None`` the forward pass runs on the event loop's own thread (see the
+    README's tail-latency section for when that is the better choice).
     """
 
     EWMA_WEIGHT = 0.1
@@ -44,12 +47,12 @@ class MicroBatcher:
     def __init__(
         self,
         run_batch: Callable[[np.ndarray], BatchOutput],
-        executor: Executor,
+        executor: Executor | None,
         *,
         max_batch_size: int,
         max_wait_s: float,
         arrival_gap_s: float = 0.0003,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[BatchOutput, float], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
@@ -139,7 +142,10 @@ class MicroBatcher:
             )
             started = loop.time()
             try:
-                output = await loop.run_in_executor(self._executor, self._run_batch, inputs)
+                if self._executor is None:
+                    output = self._run_batch(inputs)
+                else:
+                    output = await loop.run_in_executor(self._executor, self._run_batch, inputs)
             except Exception as exc:
                 if self._on_error is not None:
                     self._on_error(exc)
@@ -149,7 +155,7 @@ class MicroBatcher:
                         item.future.set_exception(exc)
                 continue
             if self._on_batch is not None:
-                self._on_batch(int(inputs.shape[0]), loop.time() - started)
+                self._on_batch(output, loop.time() - started)
             offset = 0
             for item in batch:
                 size = item.inputs.shape[0]

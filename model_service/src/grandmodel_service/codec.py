@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 import simdjson
 
+from grandmodel_service.domain import InputDomain
 from grandmodel_service.engine import BatchOutput
 
 JSON_FIELDS = frozenset({"inputs", "mc_passes"})
@@ -40,11 +41,14 @@ _NON_FINITE_LITERAL = re.compile(rb"(?<![A-Za-z\"])-?(NaN|Infinity|inf|nan)(?![A
 class RequestError(Exception):
     """A client error: answered with ``status`` and a JSON body naming the reason."""
 
-    def __init__(self, status: int, reason: str, detail: str) -> None:
+    def __init__(
+        self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.reason = reason
         self.detail = detail
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,17 @@ def _array_skeleton(shape: tuple[int, ...]) -> bytes:
 class InputCodec:
     """Decodes bodies into float32 arrays of shape (B, *sample_shape)."""
 
-    def __init__(self, sample_shape: tuple[int, ...], max_samples: int, max_mc_passes: int):
+    def __init__(
+        self,
+        sample_shape: tuple[int, ...],
+        max_samples: int,
+        max_mc_passes: int,
+        *,
+        domain: InputDomain | None = None,
+        max_mc_samples: int | None = None,
+    ) -> None:
+        self.domain = domain
+        self.max_mc_samples = max_mc_samples if max_mc_samples is not None else max_samples
         self.sample_shape = sample_shape
         self.sample_size = math.prod(sample_shape)
         self.max_samples = max_samples
@@ -121,8 +135,7 @@ class InputCodec:
             return None
         with np.errstate(over="ignore"):
             array = flat.astype(np.float32).reshape(samples, *self.sample_shape)
-        if not np.isfinite(array).all():
-            return None
+        self.check_values(array)
         return Decoded(array, single, self._check_mc(mc_passes))
 
     def _decode_json_strict(self, body: bytes) -> Decoded:
@@ -169,7 +182,7 @@ class InputCodec:
         self._check_count(array.shape[0])
         with np.errstate(over="ignore", invalid="ignore"):
             array = array.astype(np.float32)
-        self._check_finite(array)
+        self.check_values(array)
         return Decoded(array, single, mc_passes)
 
     # -- binary -------------------------------------------------------------------------
@@ -202,7 +215,7 @@ class InputCodec:
                 f"needs {dims[0] * sample_bytes}",
             )
         array = np.frombuffer(body, dtype="<f4").reshape(dims)
-        self._check_finite(array)
+        self.check_values(array)
         return Decoded(array, single, None)
 
     # -- checks -------------------------------------------------------------------------
@@ -218,10 +231,30 @@ class InputCodec:
                 413, "batch_too_large", f"{samples} samples exceed the limit of {self.max_samples}"
             )
 
-    @staticmethod
-    def _check_finite(array: np.ndarray) -> None:
+    def check_values(self, array: np.ndarray) -> None:
+        """Every value finite and inside the model's input domain, or a 422 naming the first."""
+        if self.domain is None:
+            if not np.isfinite(array).all():
+                raise RequestError(
+                    422, "non_finite", "inputs contain NaN or Inf (after float32 cast)"
+                )
+            return
+        where = self.domain.violation(array)  # one pass; NaN and Inf fail it too
+        if where is None:
+            return
         if not np.isfinite(array).all():
             raise RequestError(422, "non_finite", "inputs contain NaN or Inf (after float32 cast)")
+        raise RequestError(422, "input_out_of_domain", self.domain.describe(where))
+
+    def check_mc_samples(self, samples: int, passes: int) -> None:
+        if samples > self.max_mc_samples:
+            raise RequestError(
+                413,
+                "mc_batch_too_large",
+                f"Monte-Carlo dropout is limited to {self.max_mc_samples} samples per request "
+                f"({samples} x {passes} passes asked); send larger batches without mc_passes "
+                "or split them",
+            )
 
     def _check_mc(self, value: object) -> int | None:
         if value is None:

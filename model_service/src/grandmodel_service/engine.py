@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grandmodel_service.domain import DomainError, InputDomain
 from grandmodel_service.manifest import Manifest, ManifestError, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,17 @@ class BatchOutput:
 
     def __len__(self) -> int:
         return int(self.probabilities.shape[0])
+
+    def first_non_finite(self) -> int | None:
+        """Index of the first sample with a NaN or Inf anywhere in its outputs, or None."""
+        columns = [self.probabilities, self.value[:, None]]
+        if self.mc_mean is not None:
+            columns += [self.mc_mean, self.mc_std]  # type: ignore[list-item]
+            columns += [self.mc_value_mean[:, None], self.mc_value_std[:, None]]  # type: ignore[index]
+        finite = np.isfinite(np.concatenate(columns, axis=1)).all(axis=1)
+        if finite.all():
+            return None
+        return int(np.argmin(finite))
 
     def slice(self, start: int, stop: int) -> BatchOutput:
         def part(array: np.ndarray | None) -> np.ndarray | None:
@@ -91,6 +103,7 @@ def run_mc_dropout(module: torch.jit.ScriptModule, inputs: np.ndarray, passes: i
 class LoadedModel:
     manifest: Manifest
     module: torch.jit.ScriptModule
+    domain: InputDomain
 
     @property
     def name(self) -> str:
@@ -120,6 +133,12 @@ def golden_mismatch(model: LoadedModel, atol: float) -> str | None:
         return f"golden inputs have shape {inputs.shape[1:]}, manifest says {model.input_shape}"
     out = model.predict(inputs)
     for index, sample in enumerate(samples):
+        if not (np.isfinite(out.probabilities[index]).all() and np.isfinite(out.value[index])):
+            return f"golden sample {index} gives a non-finite output"
+        if model.domain.violation(inputs[index : index + 1]) is not None:
+            where = model.domain.violation(inputs[index : index + 1])
+            assert where is not None
+            return f"golden sample {index}: {model.domain.describe(where)}"
         prob_error = float(np.max(np.abs(out.probabilities[index] - sample.probabilities)))
         value_error = abs(float(out.value[index]) - sample.value)
         action = model.manifest.actions[int(np.argmax(out.probabilities[index]))]
@@ -166,7 +185,11 @@ def load_model(
     except Exception as exc:  # torch raises a variety of errors for corrupt archives
         raise ModelLoadError(f"cannot load {manifest.artifact_path}: {exc}") from exc
     module.eval()
-    model = LoadedModel(manifest, module)
+    try:
+        domain = InputDomain.from_manifest(manifest.input_domain, manifest.input_shape[-1])
+    except DomainError as exc:
+        raise ModelLoadError(f"{manifest_path}: {exc}") from exc
+    model = LoadedModel(manifest, module, domain)
     try:
         mismatch = golden_mismatch(model, atol_override or manifest.atol)
     except Exception as exc:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from grandmodel_service import __version__, nets
+from grandmodel_service.domain import DEFAULT_BOUND, DEFAULT_MARGIN, DomainError, InputDomain
 from grandmodel_service.engine import run_forward
 from grandmodel_service.logs import configure_logging
 from grandmodel_service.manifest import FORMAT_VERSION, sha256_hex, write_json
@@ -32,11 +33,38 @@ def export_model(
     state_dict_path: Path | None = None,
     golden_count: int = 4,
     atol: float = DEFAULT_ATOL,
+    training_data_path: Path | None = None,
+    domain_margin: float = DEFAULT_MARGIN,
 ) -> Path:
-    """Write ``<name>-<version>.pt`` and ``<name>.manifest.json`` into ``out_dir``."""
+    """Write ``<name>-<version>.pt`` and ``<name>.manifest.json`` into ``out_dir``.
+
+    The manifest's ``input.domain`` is each feature's range in ``training_data_path`` (a
+    ``numpy.save``d float array of shape (N, bars, features)) widened by ``domain_margin`` of
+    the span on each side, or ``[-DEFAULT_BOUND, DEFAULT_BOUND]`` without training data.
+    """
     if name not in nets.SPECS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(nets.SPECS)}")
     spec = nets.SPECS[name]
+    training: np.ndarray | None = None
+    if training_data_path is not None:
+        try:
+            training = np.load(training_data_path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DomainError(f"cannot read training data {training_data_path}: {exc}") from exc
+        if training.ndim != 3 or training.shape[1:] != spec.input_shape:
+            raise DomainError(
+                f"training data {training_data_path} has shape {training.shape}; "
+                f"{name} needs (N, {spec.input_shape[0]}, {spec.input_shape[1]})"
+            )
+        domain = InputDomain.from_training_data(training, domain_margin)
+        domain_doc = domain.to_manifest(
+            training_data=str(training_data_path),
+            rows=int(training.shape[0]),
+            margin=domain_margin,
+        )
+    else:
+        domain = InputDomain.default(spec.features)
+        domain_doc = domain.to_manifest(bound=DEFAULT_BOUND)
     state_dict = None
     if state_dict_path is not None:
         state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
@@ -57,8 +85,19 @@ def export_model(
         io.BytesIO(data), map_location="cpu"
     ).eval()
     rng = np.random.default_rng(seed + 10_000)
-    inputs = rng.standard_normal((golden_count, *spec.input_shape), dtype=np.float32)
+    if training is not None:  # goldens from the data the model knows, inside its domain
+        rows = rng.choice(
+            training.shape[0], size=golden_count, replace=training.shape[0] < golden_count
+        )
+        inputs = np.ascontiguousarray(training[rows], dtype=np.float32)
+    else:
+        inputs = rng.standard_normal((golden_count, *spec.input_shape), dtype=np.float32)
     out = run_forward(reloaded, inputs)
+    if not (np.isfinite(out.probabilities).all() and np.isfinite(out.value).all()):
+        raise ValueError(
+            f"{name}: the model gives non-finite outputs on its golden samples; refusing to "
+            "export an artifact that cannot answer"
+        )
     golden = [
         {
             "input": inputs[i].tolist(),
@@ -81,7 +120,12 @@ def export_model(
         "exporter_version": __version__,
         "source": {"state_dict": str(state_dict_path)} if state_dict_path else {"seed": seed},
         "architecture": spec.architecture(),
-        "input": {"shape": list(spec.input_shape), "dtype": "float32", "batch_dim": 0},
+        "input": {
+            "shape": list(spec.input_shape),
+            "dtype": "float32",
+            "batch_dim": 0,
+            "domain": domain_doc,
+        },
         "output": {
             "actions": list(nets.ACTIONS),
             "probabilities": "softmax over the policy logits, shape (B, 3), order as actions",
@@ -105,12 +149,12 @@ def export_model(
     return manifest_path
 
 
-def _parse_state_dicts(items: list[str]) -> dict[str, Path]:
+def _parse_named_paths(option: str, items: list[str]) -> dict[str, Path]:
     result: dict[str, Path] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or name not in nets.SPECS:
-            raise SystemExit(f"--state-dict expects NAME=PATH with NAME in {sorted(nets.SPECS)}")
+            raise SystemExit(f"{option} expects NAME=PATH with NAME in {sorted(nets.SPECS)}")
         result[name] = Path(path)
     return result
 
@@ -135,19 +179,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--golden", type=int, default=4, help="golden samples per model")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="golden tolerance")
+    parser.add_argument(
+        "--training-data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH.npy",
+        help="numpy.save()d training inputs (N, bars, features): the input domain and the "
+        f"golden samples come from it (repeatable; default domain +-{DEFAULT_BOUND:g})",
+    )
+    parser.add_argument(
+        "--domain-margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="widen each training range by this fraction of its span on each side",
+    )
     args = parser.parse_args(argv)
     configure_logging("INFO")
-    state_dicts = _parse_state_dicts(args.state_dict)
+    state_dicts = _parse_named_paths("--state-dict", args.state_dict)
+    training = _parse_named_paths("--training-data", args.training_data)
     for name in args.model or sorted(nets.SPECS):
-        path = export_model(
-            name,
-            args.out,
-            version=args.version,
-            seed=args.seed,
-            state_dict_path=state_dicts.get(name),
-            golden_count=args.golden,
-            atol=args.atol,
-        )
+        try:
+            path = export_model(
+                name,
+                args.out,
+                version=args.version,
+                seed=args.seed,
+                state_dict_path=state_dicts.get(name),
+                golden_count=args.golden,
+                atol=args.atol,
+                training_data_path=training.get(name),
+                domain_margin=args.domain_margin,
+            )
+        except (DomainError, ValueError) as exc:
+            log.error("export refused", extra={"model": name, "reason": str(exc)})
+            print(f"grandmodel-export: {name}: {exc}", file=sys.stderr)
+            return 2
         print(path)
     return 0
 

@@ -36,6 +36,8 @@ class Manifest:
     atol: float
     golden: tuple[GoldenSample, ...]
     actions: tuple[str, ...]
+    #: ``input.domain`` as written by the exporter; None in manifests that predate it.
+    input_domain: dict[str, Any] | None
     raw: dict[str, Any] = field(repr=False, compare=False)
     path: Path | None = field(default=None, compare=False)
 
@@ -67,6 +69,7 @@ class Manifest:
                     for s in golden["samples"]
                 ),
                 actions=tuple(data["output"]["actions"]),
+                input_domain=data["input"].get("domain"),
                 raw=data,
                 path=path,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -13,7 +14,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (
@@ -33,6 +36,15 @@ LATENCY_BUCKETS = (
     2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Confidence is the chosen action's probability: at least 1/3 with three actions.
+CONFIDENCE_BUCKETS = (0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
+CONNECTION_CLOSE_REASONS = (
+    "idle_timeout",
+    "header_timeout",
+    "body_timeout",
+    "keepalive_timeout",
+    "concurrency_limit",
+)
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 
 
@@ -109,6 +121,32 @@ class Metrics:
             "draining", "1 while drained by an operator", namespace=ns, registry=r
         )
 
+        self.out_of_domain = Counter(
+            "input_out_of_domain_total",
+            "Requests refused because a value lies outside the model's input domain",
+            ["model", "color"],
+            namespace=ns,
+            registry=r,
+        )
+        self.non_finite_outputs = Counter(
+            "non_finite_outputs_total",
+            "Requests whose model output held NaN or Inf (refused with 422, never returned)",
+            ["model", "color"],
+            namespace=ns,
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "connections_closed_total",
+            "Connections cut by the server: slow or idle clients, and refusals at the limit",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.connections_closed.labels(reason)
+        self.predictions = PredictionStats(ns)
+        r.register(self.predictions)
+
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(size)
         self.inference_duration.labels(model).observe(seconds)
@@ -163,3 +201,61 @@ class MetricsMiddleware:
                     path, method
                 )
             timer.observe(time.perf_counter() - started)
+
+
+class PredictionStats(Collector):
+    """Served predictions per model and colour: action counts and a confidence histogram.
+
+    A release gate compares the new colour's distribution with the old colour's on the same
+    live traffic. Observed once per forward pass with numpy (one ``bincount`` and one
+    ``searchsorted`` over the batch), not once per sample through prometheus_client.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.bounds = np.asarray(CONFIDENCE_BUCKETS, dtype=np.float64)
+        # (model, color) -> [action counts, bucket counts (len(bounds) + 1), confidence sum]
+        self._series: dict[tuple[str, str], list[Any]] = {}
+        self._actions: dict[str, tuple[str, ...]] = {}
+
+    def register_model(self, model: str, color: str, actions: tuple[str, ...]) -> None:
+        self._actions[model] = actions
+        self._series.setdefault(
+            (model, color),
+            [np.zeros(len(actions), np.int64), np.zeros(len(self.bounds) + 1, np.int64), 0.0],
+        )
+
+    def observe(self, model: str, color: str, probabilities: np.ndarray) -> None:
+        """Record a (B, actions) probability matrix of finite rows."""
+        series = self._series[(model, color)]
+        confidence = probabilities.max(axis=1)
+        series[0] += np.bincount(probabilities.argmax(axis=1), minlength=series[0].size)
+        series[1] += np.bincount(
+            np.searchsorted(self.bounds, confidence, side="left"), minlength=series[1].size
+        )
+        series[2] += float(confidence.sum())
+
+    def collect(self) -> list[Metric]:
+        ns = self.namespace
+        actions = CounterMetricFamily(
+            f"{ns}_predictions",
+            "Predictions served, by chosen action",
+            labels=["model", "color", "action"],
+        )
+        confidence = HistogramMetricFamily(
+            f"{ns}_prediction_confidence",
+            "Probability of the chosen action, per served prediction",
+            labels=["model", "color"],
+        )
+        for (model, color), (counts, buckets, total) in self._series.items():
+            for action, count in zip(self._actions[model], counts.tolist(), strict=True):
+                actions.add_metric([model, color, action], count)
+            cumulative = np.cumsum(buckets).tolist()
+            edges = [f"{b:g}" for b in CONFIDENCE_BUCKETS] + ["+Inf"]
+            confidence.add_metric(
+                [model, color], list(zip(edges, cumulative, strict=True)), total
+            )
+        return [actions, confidence]
+
+    def describe(self) -> list[Metric]:
+        return []

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import uvicorn
 from pydantic import ValidationError
 
 from grandmodel_service.app import create_app
+from grandmodel_service.connections import guarded_protocol
 from grandmodel_service.logs import configure_logging
+from grandmodel_service.metrics import CONNECTION_CLOSE_REASONS
 from grandmodel_service.settings import Settings
 
 log = logging.getLogger("grandmodel_service")
@@ -37,6 +40,28 @@ def pin_process(cpus: set[int]) -> None:
             os.sched_setaffinity(tid, cpus)
 
 
+def bind_sockets(hosts: list[str], port: int, backlog: int) -> list[socket.socket]:
+    """One listening socket per address, all on ``port`` (0: the first one's free port)."""
+    sockets: list[socket.socket] = []
+    try:
+        for host in hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]
+            sock.listen(backlog)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grandmodel-service", description=__doc__)
     parser.add_argument("--env-file", type=Path, help="env file with GRANDMODEL_* settings")
@@ -58,12 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         loop = "uvloop"
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop = "asyncio"
+    app = create_app(settings)
+    closed = app.state.runtime.metrics.connections_closed
+    children = {reason: closed.labels(reason) for reason in CONNECTION_CLOSE_REASONS}
     config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
+        app,
+        host=settings.hosts()[0],
         port=settings.port,
         loop=loop,
-        http="httptools",
+        http=guarded_protocol(
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            on_close=lambda reason: children[reason].inc(),
+        ),
+        limit_concurrency=settings.limit_concurrency,
         lifespan="on",
         log_config=None,
         access_log=settings.access_log,
@@ -72,16 +105,28 @@ def main(argv: list[str] | None = None) -> int:
         backlog=settings.backlog,
         server_header=False,
     )
+    try:
+        sockets = bind_sockets(settings.hosts(), settings.port, settings.backlog)
+    except OSError as exc:
+        log.critical(
+            "refusing to start: cannot listen",
+            extra={"addresses": settings.hosts(), "port": settings.port, "error": str(exc)},
+        )
+        return 2
     log.info(
         "starting",
         extra={
-            "host": settings.host,
-            "port": settings.port,
+            "addresses": settings.hosts(),
+            "port": sockets[0].getsockname()[1],
             "color": settings.color,
             "env": settings.env.value,
+            "limit_concurrency": settings.limit_concurrency,
+            "header_timeout_s": settings.header_timeout_s,
+            "body_timeout_s": settings.body_timeout_s,
+            "keepalive_timeout_s": settings.keepalive_timeout_s,
         },
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=sockets)
     return 0
 
 

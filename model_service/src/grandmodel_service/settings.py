@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from grandmodel_service import __version__
@@ -46,7 +47,11 @@ class Settings(BaseSettings):
 
     env: Environment = Field(Environment.DEVELOPMENT, description="development|staging|production")
     color: str = Field("blue", pattern=r"^[a-z][a-z0-9-]{0,31}$", description="Deployment colour")
-    host: str = Field("127.0.0.1", description="Listen address")
+    host: str = Field(
+        "127.0.0.1",
+        description="Listen address(es), comma-separated IPs: the address the load balancer "
+        "reaches (loopback when it runs on the same host), plus 127.0.0.1 for local probes",
+    )
     port: int = Field(8000, ge=0, le=65535, description="Listen port (0 picks a free one)")
     service_version: str = Field(__version__, min_length=1, description="Reported version")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*")
@@ -67,7 +72,17 @@ class Settings(BaseSettings):
     )
     max_request_samples: int = Field(1024, ge=1, description="Largest batch in one request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body")
-    max_mc_passes: int = Field(64, ge=1, le=1024, description="Largest MC-dropout pass count")
+    max_mc_passes: int = Field(32, ge=1, le=1024, description="Largest MC-dropout pass count")
+    mc_max_samples: int = Field(
+        64, ge=1, description="Largest batch in one Monte-Carlo request (samples x passes run)"
+    )
+    mc_concurrency: int = Field(1, ge=1, le=16, description="MC requests running at once")
+    mc_queue_limit: int = Field(4, ge=0, le=1024, description="MC requests waiting; then 429")
+    mc_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 429")
+    mc_nice: int = Field(10, ge=0, le=19, description="CPU nice value of the MC threads")
+    inline_inference: bool = Field(
+        True, description="Run plain forward passes on the event loop thread (no thread hop)"
+    )
 
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads")
     torch_interop_threads: int = Field(1, ge=1, le=256, description="torch inter-op threads")
@@ -79,7 +94,38 @@ class Settings(BaseSettings):
     graceful_timeout_s: int = Field(30, ge=1, description="In-flight grace on SIGTERM")
     drain_timeout_s: float = Field(30.0, gt=0, description="Longest wait of POST /admin/drain")
     keepalive_timeout_s: int = Field(75, ge=1, description="HTTP keep-alive idle timeout")
+    header_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A request's line and headers must arrive within this"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A request's body must arrive within this"
+    )
+    limit_concurrency: int = Field(
+        512, ge=1, description="Connections or requests at once; beyond, 503 at once"
+    )
     backlog: int = Field(2048, ge=16)
+    docs_enabled: bool = Field(True, description="Serve /docs (self-contained, no CDN)")
+
+    @field_validator("host")
+    @classmethod
+    def _valid_addresses(cls, value: str) -> str:
+        addresses = [part.strip() for part in value.split(",") if part.strip()]
+        if not addresses:
+            raise ValueError("at least one listen address is required")
+        for address in addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(
+                    f"listen address {address!r} is not an IP address (a host name could "
+                    "resolve to anything; give the address the load balancer reaches)"
+                ) from None
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"listen addresses repeat: {value!r}")
+        return ",".join(addresses)
+
+    def hosts(self) -> list[str]:
+        return self.host.split(",")
 
     @model_validator(mode="after")
     def _refuse_weak_admin_token(self) -> Self:

@@ -4,8 +4,10 @@ Python HTTP clients (httpx, aiohttp) cost more CPU per request than the server u
 this one writes pre-built request bytes on raw keep-alive connections and parses only the
 status line and Content-Length of each response, so one core drives far more requests.
 
-Run as ``python -m grandmodel_service.loadgen SPEC.json`` (prints one JSON result line) or
-``python -m grandmodel_service.loadgen --sink PORT`` (a canned-response HTTP server).
+Run as ``python model_service/bench/loadgen.py SPEC.json`` (prints one JSON result line) or
+``python model_service/bench/loadgen.py --sink PORT`` (a canned-response HTTP server);
+``run_spec`` does the former from Python, pinned to a CPU. Benchmark tooling: not part of the
+service's wheel.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import argparse
 import asyncio
 import contextlib
 import os
+import socket
+import subprocess
 import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from tempfile import NamedTemporaryFile
 from typing import Any, cast
 
 import numpy as np
@@ -221,6 +226,7 @@ async def run_load(spec: dict[str, Any], request: bytes) -> dict[str, Any]:
         "p50_ms": round(float(np.percentile(lat, 50)), 3),
         "p90_ms": round(float(np.percentile(lat, 90)), 3),
         "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "p99_9_ms": round(float(np.percentile(lat, 99.9)), 3),
         "max_ms": round(float(lat.max()), 3),
         "concurrency": concurrency,
         "rate": rate or None,
@@ -254,6 +260,28 @@ async def run_sink(port: int) -> None:
         await server.serve_forever()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_spec(spec: dict[str, Any], cpu: int | None = None, timeout: float = 180) -> dict[str, Any]:
+    """Run one load in a child process (optionally pinned to ``cpu``); its result dict."""
+    with NamedTemporaryFile("wb", suffix=".json", prefix="loadspec-") as handle:
+        handle.write(orjson.dumps(spec))
+        handle.flush()
+        args = [sys.executable, __file__, handle.name]
+        if cpu is not None:
+            args += ["--cpu", str(cpu)]
+        done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+    lines = done.stdout.decode().strip().splitlines()
+    if done.returncode or not lines:
+        raise RuntimeError(f"load generator failed: {done.stderr.decode()[-2000:]}")
+    result: dict[str, Any] = orjson.loads(lines[-1])
+    return result
+
+
 def _use_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -262,7 +290,7 @@ def _use_uvloop() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grandmodel_service.loadgen", description=__doc__)
+    parser = argparse.ArgumentParser(prog="loadgen.py", description=__doc__)
     parser.add_argument("spec", nargs="?", type=Path, help="JSON spec of one load run")
     parser.add_argument("--sink", type=int, metavar="PORT", help="run the canned sink server")
     parser.add_argument("--cpu", type=int, help="pin this process to one CPU")

@@ -1,0 +1,1 @@
+"""HTTP routes by concern: probes, predictions, admin. Each receives the ``Runtime``."""
