@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Release benchmark: blue-green rollouts and rollbacks on the sandbox hosts, under load.
 
-Each repetition releases the other model version with playbooks/rollout.yml, then returns with
-playbooks/rollback.yml, while scripts/frontdoor_load.py sends predictions through the front door
-(keep-alive clients and new-connection clients, every request's status and colour logged).
+Each repetition releases the other model version with playbooks/rollout.yml, then returns with the
+emergency path playbooks/switch_back.yml (or --rollback-playbook rollback.yml), while
+scripts/frontdoor_load.py sends predictions through the front door (keep-alive clients and
+new-connection clients, every request's status and colour logged). Then --toggles more runs of
+switch_back.yml flip traffic between the two warm colours, for the rollback timing alone.
 Measured per run: playbook wall time, cut-over time (the switch's reload to the first answer of the
 new colour through the front door, from the traffic switch's own evidence), time to the first
 response from the new colour seen by the clients, failed requests by client kind and the largest
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from frontdoor_load import LoadGenerator
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"rollout_seconds": 60.0, "rollback_seconds": 5.0}
+ROLLBACKS = ("switch_back.yml", "rollback.yml")
 
 
 def front_version(port: int) -> dict[str, Any]:
@@ -70,7 +74,9 @@ def measured(inventory: str, playbook: str, extra: list[str], port: int, rate: f
     report = gen.stop()
     summary = report.summary()
     first_new = report.first_seen(expect_color)
-    record = last_record(app_host)
+    # switch_back.yml moves traffic only and writes no deployment record.
+    record = last_record(app_host) if playbook != "switch_back.yml" else {"outcome": "switched" if rc == 0
+                                                                          else "failed", "to_color": expect_color}
     return {
         "playbook": playbook,
         "rc": rc,
@@ -103,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--rate", type=float, default=40.0, help="requests/s during each run")
     parser.add_argument("--releases", nargs=2, default=["2026.11.0", "2026.11.1"])
+    parser.add_argument("--rollback-playbook", default="switch_back.yml", choices=ROLLBACKS,
+                        help="how each repetition returns to the old colour")
+    parser.add_argument("--toggles", type=int, default=10,
+                        help="extra switch_back.yml runs between the two warm colours after the repetitions")
     args = parser.parse_args(argv)
 
     for seed, version in enumerate(args.releases, start=7):
@@ -115,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
+    load_before = round(os.getloadavg()[0], 2)
     runs: list[dict[str, Any]] = []
     print(f"{'rep':>3} {'playbook':<12} {'rc':>2} {'wall s':>7} {'cutover s':>9} {'first new s':>11} "
           f"{'requests':>8} {'failed':>6} {'ka/new':>7} {'max ms':>7}")
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         new_color = "green" if live_color == "blue" else "blue"
         for playbook, extra, expect in (
             ("rollout.yml", ["-e", f"release_version={target}"], new_color),
-            ("rollback.yml", [], live_color),
+            (args.rollback_playbook, [], live_color),
         ):
             run = measured(args.inventory, playbook, extra, args.port, args.rate, args.app_host, expect)
             run["rep"] = rep
@@ -139,10 +150,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(run["error"], file=sys.stderr)
         live = front_version(args.port)
 
+    # The emergency path alone: both colours warm, traffic flipped back and forth.
+    for toggle in range(1, args.toggles + 1):
+        expect = "green" if str(front_version(args.port)["color"]) == "blue" else "blue"
+        run = measured(args.inventory, "switch_back.yml", [], args.port, args.rate, args.app_host, expect)
+        run["rep"] = f"t{toggle}"
+        run["outcome"] = "switched" if run["rc"] == 0 else "failed"  # switch_back.yml writes no record
+        runs.append(run)
+        print(f"{run['rep']:>3} {'switch_back':<12} {run['rc']:>2} {run['seconds']:>7} {'-':>9} "
+              f"{run['first_new_color_response_after_start_s']!s:>11} {run['requests']:>8} {run['failed']:>6} "
+              f"{run['failed_keepalive']!s:>3}/{run['failed_new_connection']!s:<3} {run['latency_ms_max']!s:>7}",
+              flush=True)
+
     rollouts = [r for r in runs if r["playbook"] == "rollout.yml"]
-    rollbacks = [r for r in runs if r["playbook"] == "rollback.yml"]
+    rollbacks = [r for r in runs if r["playbook"] in ROLLBACKS]
     result = {
         "reps": args.reps,
+        "toggles": args.toggles,
+        "rollback_playbooks": sorted({r["playbook"] for r in rollbacks}),
+        "rollbacks_measured": len(rollbacks),
+        "rollback_seconds_all": [r["seconds"] for r in rollbacks],
+        "load_1m_before": load_before,
+        "load_1m_after": round(os.getloadavg()[0], 2),
         "rate_rps": args.rate,
         "rollout_seconds_median": median([r["seconds"] for r in rollouts]),
         "rollout_seconds_max": max((r["seconds"] for r in rollouts), default=None),
@@ -162,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
     }
     print("\nmedians: rollout {rollout_seconds_median}s (target <= 60), rollback {rollback_seconds_median}s "
-          "(target <= 5), failed requests {failed_requests_rollouts}+{failed_requests_rollbacks} "
-          "over {requests}".format(**result))
+          "(target <= 5, max {rollback_seconds_max}s over {rollbacks_measured} runs of {rollback_playbooks}), "
+          "failed requests {failed_requests_rollouts}+{failed_requests_rollbacks} over {requests}; "
+          "load {load_1m_before} -> {load_1m_after}".format(**result))
     print(json.dumps(result))
     return 0 if result["all_rc_zero"] else 1
 

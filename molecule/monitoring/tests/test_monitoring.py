@@ -118,7 +118,8 @@ def test_deployed_rules_and_config_are_valid_and_loaded(host):
     assert host.run("amtool check-config /etc/prometheus/alertmanager.yml").rc == 0
     groups = api(host, "http://127.0.0.1:9090/api/v1/rules")["data"]["groups"]
     names = {r["name"] for g in groups for r in g["rules"]}
-    for alert in ("TargetDown", "GrandModelHighLatency", "GrandModelHighErrorRate", "GrandModelNotReady",
+    for alert in ("TargetDown", "GrandModelLiveColorDown", "GrandModelHighLatency", "GrandModelHighErrorRate",
+                  "GrandModelNotReady",
                   "GrandModelVersionMismatch", "HostMemoryPressure", "HostCpuPressure", "HostDiskFillingUp",
                   "HostClockSkew", "PostgresDown", "RedisDown", "GrandModelRiskLimitBreach",
                   "GrandModelDrawdownHigh", "grandmodel:request_duration_seconds:p95_5m",
@@ -168,6 +169,60 @@ def test_a_colour_reporting_not_ready_fires_model_not_ready(host, monitored):
         assert not alerts(host, "GrandModelNotReady", color="blue")
     finally:
         monitored.run(f"sed -i 's/^grandmodel_ready 0$/grandmodel_ready 1/' {metrics}")
+
+
+TRAFFIC_METRICS = "/var/lib/prometheus/node-exporter/grandmodel_traffic.prom"
+
+
+def switch_live_colour(monitored, color: str) -> dict:
+    """Make `color` live with the real traffic switch on the monitored host (its textfile export included).
+
+    The host has no front door to verify through (verify_url empty) and nginx is not serving it
+    (reload_command true); the switch still tests the upstream with nginx -t and writes the metric.
+    """
+    result = monitored.ansible("quantnova.grandmodel.traffic_switch", json.dumps({
+        "color": color, "upstream_file": "/etc/nginx/grandmodel-test/upstream.conf",
+        "backends": {"blue": ["127.0.0.1:8001"], "green": ["127.0.0.1:8002"]},
+        "reload_command": ["true"], "metrics_file": TRAFFIC_METRICS,
+    }), check=False, become=True)
+    assert not result.get("failed"), result
+    return result
+
+
+def live_colour_alerts(host, color: str) -> list[dict]:
+    port = 8001 if color == "blue" else 8002
+    return alerts(host, "GrandModelLiveColorDown", color=color, instance=f"{MONITORED}:{port}")
+
+
+def test_the_live_colour_not_answering_fires_whatever_the_warm_colour_does(host, monitored):
+    monitored.check_output("mkdir -p /etc/nginx/grandmodel-test")
+    switch_live_colour(monitored, "blue")
+    # Prometheus reads the live colour from the node exporter's textfile collector.
+    wait_for(lambda: query(host, 'grandmodel_traffic_active_color{color="blue"} == 1'), 60,
+             "the live colour metric from the textfile collector")
+    try:
+        # The warm colour (green) stops: no live-colour alert, however long it stays down.
+        monitored.check_output("systemctl stop grandmodel-stub@8002")
+        wait_for(lambda: [r for r in query(host, 'up{job="grandmodel", color="green"} == 0')], 30, "green down")
+        time.sleep(12)  # several evaluations, well over the scenario's `for:` of 4s
+        assert not live_colour_alerts(host, "green") and not live_colour_alerts(host, "blue")
+        monitored.check_output("systemctl start grandmodel-stub@8002")
+        # The live colour (blue) stops while green answers: the alert fires, and GrandModelServiceDown does not.
+        started = time.monotonic()
+        monitored.check_output("systemctl stop grandmodel-stub@8001")
+        firing = wait_for(lambda: [a for a in live_colour_alerts(host, "blue") if a["state"] == "firing"], 60,
+                          "GrandModelLiveColorDown firing for blue")
+        seconds = time.monotonic() - started
+        assert firing[0]["labels"]["severity"] == "critical"
+        assert not alerts(host, "GrandModelServiceDown")
+        print(f"\nGrandModelLiveColorDown fired {seconds:.1f}s after the live colour stopped "
+              "(scrape and evaluation every 2s, for: 4s in this scenario)")
+        # Traffic moves to green: blue being down is no longer an alert.
+        switch_live_colour(monitored, "green")
+        wait_for(lambda: not live_colour_alerts(host, "blue"), 60, "the alert for blue to resolve after the switch")
+    finally:
+        monitored.run("systemctl start grandmodel-stub@8001 grandmodel-stub@8002")
+        switch_live_colour(monitored, "blue")
 
 
 def test_grafana_provisioning_is_valid_and_every_panel_query_parses(host):
