@@ -127,9 +127,11 @@ def test_training_data_sets_the_domain_and_the_goldens(
     export_model("tactical", out)
     manifest = json.loads((out / "strategic.manifest.json").read_text())
     domain = manifest["input"]["domain"]
-    assert domain["source"] == "training_data" and domain["rows"] == 500
+    assert domain["source"] == "training_data"
+    assert domain["rows"] == 500
     f3 = domain["features"][3]
-    assert 4.9 < f3["min"] < 5.1 and 24.9 < f3["max"] < 25.1  # [10, 20] widened by 0.5 x 10
+    assert 4.9 < f3["min"] < 5.1
+    assert 24.9 < f3["max"] < 25.1
     goldens = np.asarray([s["input"] for s in manifest["golden"]["samples"]])
     assert (goldens[:, :, 3] >= 10).all()  # drawn from the training data
     with TestClient(create_app(make_settings(model_dir=out))) as client:
@@ -269,7 +271,7 @@ def test_prediction_distribution_metrics_count_every_served_sample(client: TestC
     predictions = reply.json()["predictions"]
     single = client.post(URL, content=_body(batch[0]), headers=JSON).json()["predictions"]
     text = client.get("/metrics").text
-    expected = {a: 0 for a in nets.ACTIONS}
+    expected = dict.fromkeys(nets.ACTIONS, 0)
     for p in predictions + single:
         expected[p["action"]] += 1
     for action, count in expected.items():
