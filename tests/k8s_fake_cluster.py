@@ -4,7 +4,10 @@ No API server binary can be had on these machines. This one serves what kubernet
 asks for: /version, API discovery (/api, /apis, each group version's resource list), GET and LIST of
 objects (labelSelector), and server-side apply (PATCH application/apply-patch+yaml, honouring
 dryRun=All and fieldManager, refusing a changed field owned by another manager with 409 unless force),
-plus JSON merge patch. Deployments report every replica ready, as a settled controller would.
+plus JSON merge patch (with the resourceVersion precondition). Controllers are settled at once:
+a Deployment reports every replica ready and has that many ready Pods, and every Service with a
+selector has an EndpointSlice listing the Pods it selects, so the traffic switch's kubernetes
+backend can run against the objects the role created.
 
 It is not kube-apiserver: no admission, defaulting, validation or RBAC (kubernetes-validate covers the
 schemas; the rest is listed as unverified in docs/kubernetes.md).
@@ -75,8 +78,8 @@ def get_path(obj: Any, path: tuple[str, ...]) -> Any:
 
 def matches(labels: dict[str, str], selector: str) -> bool:
     for term in filter(None, (t.strip() for t in selector.split(","))):
-        key, _, value = term.partition("=")
-        if labels.get(key) != value:
+        key, equals, value = term.partition("=")
+        if (equals and labels.get(key) != value) or (not equals and key not in labels):
             return False
     return True
 
@@ -114,6 +117,40 @@ class FakeCluster(ThreadingHTTPServer):
 
     def get(self, gv: str, resource: str, ns: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((gv, resource, ns, name))
+
+    def derived(self, resource: str, ns: str) -> list[dict[str, Any]]:
+        """Pods of the Deployments and EndpointSlices of the Services, as settled controllers keep them."""
+        pods = []
+        for (gv, res, namespace, name), obj in sorted(self.objects.items()):
+            if (gv, res) != ("apps/v1", "deployments") or namespace != ns:
+                continue
+            template = obj["spec"]["template"]
+            for index in range(obj["spec"].get("replicas", 1)):
+                pod_name = f"{name}-7d9f8c6b5-{index}"
+                pods.append({"apiVersion": "v1", "kind": "Pod",
+                             "metadata": {"name": pod_name, "namespace": ns, "uid": f"uid-{pod_name}",
+                                          "labels": template["metadata"]["labels"]},
+                             "spec": {"nodeName": f"k8s-worker-{index + 1}"},
+                             "status": {"phase": "Running", "podIP": f"10.244.{index + 1}.{len(pods) + 10}",
+                                        "conditions": [{"type": "Ready", "status": "True"}]}})
+        if resource == "pods":
+            return pods
+        slices = []
+        for (gv, res, namespace, name), obj in sorted(self.objects.items()):
+            selector = obj.get("spec", {}).get("selector")
+            if (gv, res) != ("v1", "services") or namespace != ns or not selector:
+                continue
+            wanted = ",".join(f"{k}={v}" for k, v in selector.items())
+            slices.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                           "metadata": {"name": f"{name}-x7k2p", "namespace": ns,
+                                        "labels": {"kubernetes.io/service-name": name}},
+                           "endpoints": [{"addresses": [p["status"]["podIP"]],
+                                          "conditions": {"ready": True, "serving": True, "terminating": False},
+                                          "targetRef": {"kind": "Pod", "name": p["metadata"]["name"],
+                                                        "namespace": ns}}
+                                         for p in pods if matches(p["metadata"]["labels"], wanted)],
+                           "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}]})
+        return slices
 
     def writes(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["method"] in ("PATCH", "POST", "PUT", "DELETE")]
@@ -222,9 +259,12 @@ class _Handler(BaseHTTPRequestHandler):
             key = (gv or "", resource, ns, name or "")
             if method == "GET" and name is None:
                 selector = query.get("labelSelector", [""])[0]
-                items = [o for (g, r, n, _), o in sorted(server.objects.items())
-                         if g == gv and r == resource and (not ns or n == ns)
-                         and matches(o["metadata"].get("labels") or {}, selector)]
+                if resource in ("pods", "endpointslices"):
+                    candidates = server.derived(resource, ns)
+                else:
+                    candidates = [o for (g, r, n, _), o in sorted(server.objects.items())
+                                  if g == gv and r == resource and (not ns or n == ns)]
+                items = [o for o in candidates if matches(o["metadata"].get("labels") or {}, selector)]
                 return self._send(200, {"kind": kinds[resource] + "List", "apiVersion": gv,
                                         "metadata": {"resourceVersion": str(server.rv)}, "items": items})
             if method == "GET":
@@ -276,6 +316,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, status(404, "NotFound", f'{key[1]} "{key[3]}" not found'))
         if content_type.startswith(("application/merge-patch+json", "application/strategic-merge-patch+json")):
             patch = json.loads(raw)
+            wanted_rv = (patch.get("metadata") or {}).pop("resourceVersion", None)
+            if wanted_rv is not None and wanted_rv != current["metadata"]["resourceVersion"]:
+                return self._send(409, status(409, "Conflict", "the object has been modified; please apply your "
+                                                               "changes to the latest version and try again"))
             result = merge(current, patch)
             owners = server.owners.setdefault(key, {})
             for path in leaves(patch):

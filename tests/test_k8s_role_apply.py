@@ -2,9 +2,10 @@
 
 No Kubernetes API server can run here; tests/k8s_fake_cluster.py stands in for the parts the role uses
 (discovery, get/list, server-side apply with dry-run and field managers). One cluster, one scenario,
-five ansible-playbook runs: check mode writes nothing, a first apply creates every object, the live
-colour switched by the traffic switch's backend survives a re-run (which changes nothing at all), a
-release refuses the live colour, and a release to the idle colour touches only that colour's objects.
+five ansible-playbook runs and the traffic switch's kubernetes backend on the same objects: check mode
+writes nothing, a first apply creates every object, the backend refuses a colour without pods, a
+release refuses the live colour, a release to the idle colour touches only that colour's objects, the
+backend switches to it, and a re-run keeps the switched colour and changes nothing at all.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(REPO))
 TOKEN = "unit-test-admin-token-7f3k2"
 IMAGE = "registry.desk.example/grandmodel-service:2026.11.1"
 NS = "grandmodel"
+COLOR = "grandmodel.quantnova.io/color"
 
 
 @pytest.fixture(scope="module")
@@ -89,42 +91,56 @@ def test_the_role_applies_switch_safely_and_idempotently(cluster: tuple[FakeClus
     assert live["spec"]["selector"]["grandmodel.quantnova.io/color"] == "blue"
     assert server.get("apps/v1", "deployments", NS, "grandmodel-green") is None
 
-    # 3. The traffic switch's backend moves the live colour (merge patch, its own field manager).
+    # 3. The traffic switch's backend, on the objects the role created: green has no pods yet, so it refuses.
+    from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic import (
+        TrafficSwitchError,
+        switch_traffic,
+    )
     from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic_k8s import (
         KubernetesApi,
+        KubernetesBackend,
         build_api_client,
     )
 
-    client, _ = build_api_client(kubeconfig=str(kubeconfig))
-    KubernetesApi(client).patch_service(NS, "grandmodel", {"spec": {"selector": {
-        "grandmodel.quantnova.io/color": "green"}}})
+    def backend() -> KubernetesBackend:
+        client, _source = build_api_client(kubeconfig=str(kubeconfig))
+        return KubernetesBackend(KubernetesApi(client, request_timeout=5), NS, "grandmodel", min_ready=2,
+                                 verify_timeout=10, verify_interval=0.05)
+
+    with pytest.raises(TrafficSwitchError, match=r"0 of the 0 pods selected by \S+ are ready.*no pod of that colour"):
+        switch_traffic(backend(), "green")
 
     # 4. A release onto the live colour is refused before anything is written.
     since = len(server.requests)
-    rc, out, _ = play(kubeconfig, "-e", "k8s_workloads_deploy_color=green")
-    assert rc != 0 and "green is the live colour" in out
+    rc, out, _ = play(kubeconfig, "-e", "k8s_workloads_deploy_color=blue")
+    assert rc != 0 and "blue is the live colour" in out
     assert stored_writes(server, since) == []
 
     # 5. A release to the idle colour writes only that colour's objects; the live Service is not touched.
     since = len(server.requests)
-    rc, out, _ = play(kubeconfig, "-e", "k8s_workloads_deploy_color=blue", "-e", "k8s_workloads_release=2026.11.2",
+    rc, out, _ = play(kubeconfig, "-e", "k8s_workloads_deploy_color=green", "-e", "k8s_workloads_release=2026.11.2",
                       "-e", "k8s_workloads_image=registry.desk.example/grandmodel-service:2026.11.2")
     assert rc == 0, out[-3000:]
-    applied = sorted(r["path"].split("?")[0] for r in server.requests[since:] if r["method"] == "PATCH")
-    assert applied == [f"/api/v1/namespaces/{NS}/services/grandmodel-blue",
-                       f"/apis/apps/v1/namespaces/{NS}/deployments/grandmodel-blue",
-                       f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/grandmodel-blue"]
-    assert stored_writes(server, since) == [f"/apis/apps/v1/namespaces/{NS}/deployments/grandmodel-blue"]
-    blue = server.get("apps/v1", "deployments", NS, "grandmodel-blue")
-    assert blue["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":2026.11.2")
-    assert server.get("v1", "services", NS, "grandmodel")["spec"]["selector"]["grandmodel.quantnova.io/color"] == \
-        "green"
+    assert sorted(stored_writes(server, since)) == [
+        f"/api/v1/namespaces/{NS}/services/grandmodel-green",
+        f"/apis/apps/v1/namespaces/{NS}/deployments/grandmodel-green",
+        f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/grandmodel-green"]
+    green = server.get("apps/v1", "deployments", NS, "grandmodel-green")
+    assert green["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":2026.11.2")
+    assert server.get("v1", "services", NS, "grandmodel")["spec"]["selector"][COLOR] == "blue"
 
-    # 6. A full re-run keeps the colour the switch set and changes nothing at all (idempotent, no conflict).
+    # 6. The switch to green: ready pods behind grandmodel-green, one guarded patch, endpoints cut over.
+    result = switch_traffic(backend(), "green")
+    assert result["verified"] is True and result["verification"]["answers"][-1]["answer"] == "green: 2 ready"
+    assert server.get("v1", "services", NS, "grandmodel")["spec"]["selector"][COLOR] == "green"
+
+    # 7. A full re-run keeps the colour the switch set and changes nothing at all (idempotent, no conflict).
     since = len(server.requests)
     rc, out, _ = play(kubeconfig, "-e", "k8s_workloads_release=2026.11.2",
                       "-e", "k8s_workloads_image=registry.desk.example/grandmodel-service:2026.11.2")
     assert rc == 0, out[-3000:]
-    assert "live colour green" in out
+    assert "live colour green" in out and "deploying no colour" in out
     assert stored_writes(server, since) == [] and recap_changed(out) == 0
+    blue = server.get("apps/v1", "deployments", NS, "grandmodel-blue")
+    assert blue["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE  # the warm colour was left alone
     assert (COLLECTION / "roles" / "k8s_workloads").is_dir()
