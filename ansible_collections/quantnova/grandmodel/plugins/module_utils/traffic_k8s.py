@@ -437,11 +437,13 @@ class KubernetesBackend(TrafficBackend):
         }
         if plan.resource_version:
             patch["metadata"]["resourceVersion"] = plan.resource_version
+        # Until the server has answered, the patch may have been applied (a lost answer, a signal or an
+        # interrupt in the middle of the request): count it as made, so restore() undoes it (idempotent).
+        self.patched = True
         try:
             self.api.patch_service(self.namespace, self.service, patch, field_manager=self.field_manager)
         except KubernetesApiError as exc:
-            # No answer: the server may have applied the patch. Undo to be sure (restore is idempotent).
-            self.patched = exc.uncertain
+            self.patched = exc.uncertain  # a refusal by the server changed nothing
             if exc.status == 409:
                 raise KubernetesApiError(
                     "%s changed since it was read (resourceVersion %s): another switch or an edit happened meanwhile; "

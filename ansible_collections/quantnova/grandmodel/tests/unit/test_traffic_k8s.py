@@ -432,3 +432,22 @@ def test_the_module_wiring_builds_a_working_backend(api: FakeApiServer) -> None:
     assert result["verified"] is True and result["backend"] == "kubernetes"
     with pytest.raises(TrafficSwitchError, match="needs namespace"):
         build_kubernetes_backend(dict(params, namespace=""))
+
+
+def test_an_interrupt_during_the_patch_request_counts_as_patched_and_is_undone(api: FakeApiServer) -> None:
+    be = backend(api)
+    original = be.api.patch_service
+
+    def patch_then_interrupt(*args: Any, **kwargs: Any) -> Any:
+        original(*args, **kwargs)
+        raise KeyboardInterrupt  # SIGINT (or the switch's SIGTERM guard) after the server applied it
+
+    be.api.patch_service = patch_then_interrupt  # type: ignore[method-assign]
+    plan = be.plan("green")
+    with pytest.raises(KeyboardInterrupt):
+        be.apply(plan)
+    assert api.live_color() == "green" and be.patched is True
+    be.api.patch_service = original  # type: ignore[method-assign]
+    assert be.restore(plan).startswith("patched the selector of service grandmodel/grandmodel back to")
+    assert api.live_color() == "blue"
+    assert ANNOTATION_IN_FLIGHT not in api.services["grandmodel"]["metadata"]["annotations"]
