@@ -24,9 +24,9 @@ client releases alike. Every call is bounded by C(request_timeout).
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import time
-import traceback
 
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic import (
     COLORS,
@@ -36,26 +36,37 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic impor
     TrafficSwitchError,
 )
 
-KUBERNETES_IMPORT_ERROR = None
-try:
-    import kubernetes  # noqa: F401  pylint: disable=unused-import
-    from kubernetes import client as k8s_client
-    from kubernetes import config as k8s_config
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-    HAS_KUBERNETES = True
-except ImportError:
-    HAS_KUBERNETES = False
-    KUBERNETES_IMPORT_ERROR = traceback.format_exc()
+def _kubernetes_installed():
+    try:
+        return importlib.util.find_spec("kubernetes") is not None
+    except (ImportError, ValueError):
+        return False
 
-    class ApiException(Exception):  # type: ignore[no-redef]
-        """Stand-in so `except ApiException` works when the library is missing."""
 
-        status = None
-        reason = None
-        body = None
+# The library is imported only when the kubernetes backend is used: importing it costs about a second,
+# which every nginx switch would otherwise pay.
+HAS_KUBERNETES = _kubernetes_installed()
+KUBERNETES_IMPORT_ERROR = None if HAS_KUBERNETES else "the Python library `kubernetes` is not installed"
+_LIB = {}
 
-    ConnectTimeoutError = NewConnectionError = OSError  # type: ignore[misc,assignment]
+
+def _lib():
+    """The kubernetes client pieces the backend uses, imported on first use."""
+    if not _LIB:
+        try:
+            from kubernetes import client, config  # pylint: disable=import-outside-toplevel
+            from kubernetes.client.exceptions import ApiException  # pylint: disable=import-outside-toplevel
+            from urllib3.exceptions import (  # pylint: disable=import-outside-toplevel
+                ConnectTimeoutError,
+                NewConnectionError,
+            )
+        except ImportError as exc:
+            raise TrafficSwitchError("the kubernetes backend needs the `kubernetes` Python library on the host "
+                                     "running the module (pip install kubernetes): %s" % exc) from exc
+        _LIB.update(client=client, config=config, ApiException=ApiException,
+                    never_sent=(NewConnectionError, ConnectTimeoutError))
+    return _LIB
+
 
 DEFAULT_COLOR_LABEL = "grandmodel.quantnova.io/color"
 ANNOTATION_PREFIX = "grandmodel.quantnova.io/"
@@ -115,9 +126,8 @@ def build_api_client(kubeconfig=None, context=None, host=None, api_key=None, val
     Order: O(host) given -> that host (with O(api_key) as bearer token); else the kubeconfig
     (O(kubeconfig), or $KUBECONFIG / ~/.kube/config); else the pod's service account.
     """
-    if not HAS_KUBERNETES:
-        raise TrafficSwitchError("the kubernetes backend needs the `kubernetes` Python library on the host running "
-                                 "the module (pip install kubernetes)")
+    lib = _lib()
+    k8s_client, k8s_config = lib["client"], lib["config"]
     try:
         if host:
             configuration = k8s_client.Configuration()
@@ -153,6 +163,8 @@ class KubernetesApi:
     """The four calls the backend makes, raw JSON in and out, each bounded by `request_timeout` seconds."""
 
     def __init__(self, api_client, request_timeout=10.0, source=None):
+        self.lib = _lib()
+        k8s_client = self.lib["client"]
         self.api_client = api_client
         self.request_timeout = float(request_timeout)
         self.core = k8s_client.CoreV1Api(api_client)
@@ -165,14 +177,14 @@ class KubernetesApi:
         try:
             response = func(*args, **kwargs)
             data = response.data
-        except ApiException as exc:
+        except self.lib["ApiException"] as exc:
             raise KubernetesApiError("%s failed: HTTP %s %s: %s" % (what, exc.status, exc.reason or "",
                                                                     _status_message(exc)),
                                      status=exc.status) from exc
         except Exception as exc:  # urllib3 timeouts, refused connections, TLS errors
             # A request that never connected cannot have changed anything; any other failure might have.
             reason = getattr(exc, "reason", exc)
-            never_sent = isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+            never_sent = isinstance(reason, self.lib["never_sent"])
             raise KubernetesApiError("%s failed: no answer from the Kubernetes API at %s within %.0fs: %s"
                                      % (what, self.host, self.request_timeout, exc), status=None,
                                      uncertain=not never_sent) from exc
