@@ -36,6 +36,7 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic impor
     TrafficSwitchError,
 )
 
+
 def _kubernetes_installed():
     try:
         return importlib.util.find_spec("kubernetes") is not None
