@@ -48,6 +48,9 @@ def make_settings(artifacts: Path) -> Callable[..., Settings]:
             "warmup_iterations": 1,
             "color": "green",
             "service_version": "9.9.9",
+            # In-process apps run MC on a thread: a worker process per app start costs
+            # seconds. The real-uvicorn tests (test_fairness, test_process) use the process.
+            "mc_process": False,
         }
         values.update(overrides)
         return Settings(**values)

@@ -252,9 +252,7 @@ class PredictionStats(Collector):
                 actions.add_metric([model, color, action], count)
             cumulative = np.cumsum(buckets).tolist()
             edges = [f"{b:g}" for b in CONFIDENCE_BUCKETS] + ["+Inf"]
-            confidence.add_metric(
-                [model, color], list(zip(edges, cumulative, strict=True)), total
-            )
+            confidence.add_metric([model, color], list(zip(edges, cumulative, strict=True)), total)
         return [actions, confidence]
 
     def describe(self) -> list[Metric]:

@@ -166,9 +166,23 @@ class Runtime:
             queue_limit=settings.mc_queue_limit,
             retry_after_s=settings.mc_retry_after_s,
             nice=settings.mc_nice,
+            torch_threads=settings.torch_threads,
         )
         for slot in self.slots.values():
             await slot.load(self)
+        await self.mc_lane.start(
+            [
+                (
+                    name,
+                    str(settings.manifest_path(name)),
+                    slot.model.manifest.sha256,
+                    settings.golden_atol,
+                )
+                for name, slot in self.slots.items()
+                if slot.model is not None
+            ],
+            use_process=settings.mc_process,
+        )
         # torch, FastAPI and pydantic leave ~200k long-lived objects; a full collection that
         # walks them takes 50-300 ms (measured) and lands on some unlucky request. Freeze
         # them out of the collector's view once they exist.

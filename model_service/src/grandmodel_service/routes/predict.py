@@ -11,6 +11,7 @@ exception handler turns into a 4xx JSON answer.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 from urllib.parse import parse_qs
@@ -30,6 +31,7 @@ log = logging.getLogger("grandmodel_service")
 JSON_TYPES = frozenset({b"application/json"})
 BINARY_TYPES = frozenset({b"application/octet-stream", b"application/x-grandmodel-f32"})
 JSON_MEDIA = b"application/json"
+_MC_VALUE = re.compile(rb'"mc_passes"\s*:\s*(\d+)')
 BINARY_MEDIA = b"application/octet-stream"
 
 
@@ -85,6 +87,9 @@ class PredictEndpoint:
                 f"got {media.decode('latin-1') or 'none'!r}",
             )
         body = await self._read_body(receive, content_length)
+        lane = runtime.mc_lane
+        if lane is not None and lane.full and self._asks_for_mc(body, scope["query_string"]):
+            lane.refuse()  # before decoding: a flood of refused MC bodies costs next to nothing
         try:
             if is_binary:
                 decoded = codec.decode_binary(body, shape.decode("latin-1") if shape else None)
@@ -137,6 +142,17 @@ class PredictEndpoint:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
+    @staticmethod
+    def _asks_for_mc(body: bytes, query: bytes) -> bool:
+        """Cheap look for a non-zero mc_passes (query or JSON key) without decoding the body."""
+        if b"mc_passes" in query:
+            return True  # the decoder words any error; a refusal here only needs a hint
+        at = body.rfind(b'"mc_passes"')  # memmem from the end, where clients put it
+        if at < 0:
+            return False
+        found = _MC_VALUE.match(body, at)
+        return found is not None and int(found.group(1)) > 0
+
     async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
         limit = self.max_body
         if content_length is not None:
@@ -167,7 +183,7 @@ class PredictEndpoint:
         assert lane is not None
         started = time.perf_counter()
         try:
-            output = await lane.run(model.predict_mc, inputs, mc_passes)
+            output = await lane.run_mc(model, inputs, mc_passes)
         except RequestError:
             raise
         except Exception:

@@ -58,6 +58,4 @@ async def version(runtime: RuntimeDep) -> Response:
 
 @router.get("/metrics", summary="Prometheus exposition")
 async def prometheus(runtime: RuntimeDep) -> Response:
-    return Response(
-        runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
