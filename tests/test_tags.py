@@ -28,7 +28,7 @@ from .conftest import COLLECTION, REPO, VENV_BIN
 ROLES_DIR = COLLECTION / "roles"
 # Roles whose tasks/main.yml another engineer is changing: their failing cases are strict xfails, so the lead
 # sees the case pass (and must drop the mark) as soon as their tags work.
-OTHERS = {"loadbalancer", "rollout", "monitoring", "exporters", "model_service"}
+OTHERS = {"loadbalancer", "rollout", "monitoring", "exporters", "model_service", "k8s_workloads"}
 # Each case that failed on the tree this test was written against (dynamic include_tasks in tasks/main.yml).
 KNOWN_FAILING = {
     ("loadbalancer", "loadbalancer_preflight"), ("loadbalancer", "loadbalancer_install"),
@@ -41,6 +41,10 @@ KNOWN_FAILING = {
     ("model_service", "model_service_preflight"), ("model_service", "model_service_install"),
     ("model_service", "model_service_artifacts"), ("model_service", "model_service_configure"),
     ("model_service", "model_service_service"),
+    # include_tasks with apply: the tag reaches the tasks when they run, but --list-tasks (and a reader of
+    # main.yml) cannot see them; import_tasks would list them (its `when` works on an import too).
+    ("k8s_workloads", "k8s_workloads_preflight"), ("k8s_workloads", "k8s_workloads_configure"),
+    ("k8s_workloads", "k8s_workloads_service"),
 }
 INCLUDES = {"include_tasks", "ansible.builtin.include_tasks", "import_tasks", "ansible.builtin.import_tasks"}
 ROLE_INCLUDES = {"include_role", "ansible.builtin.include_role", "import_role", "ansible.builtin.import_role"}
@@ -146,7 +150,7 @@ def params() -> list[Any]:
     for role, tag in CASES:
         marks = []
         if role in OTHERS and (role, tag) in KNOWN_FAILING:
-            reason = f"{role}/tasks/main.yml (not ours to edit) has dynamic include_tasks: the tag selects the include"
+            reason = f"{role}/tasks/main.yml (not ours to edit) steps are dynamic include_tasks, not listed by tag"
             marks.append(pytest.mark.xfail(strict=True, reason=reason))
         out.append(pytest.param(role, tag, marks=marks, id=f"{role}-{tag}"))
     return out
@@ -155,9 +159,8 @@ def params() -> list[Any]:
 def test_every_role_has_its_documented_tags() -> None:
     for role in roles():
         tags = main_tags(role)
-        assert f"{role}_preflight" in tags, role
         steps = {path.stem for path in (ROLES_DIR / role / "tasks").glob("*.yml")}
-        for step in ("install", "configure", "service"):
+        for step in ("preflight", "install", "configure", "service"):
             if step in steps:
                 assert f"{role}_{step}" in tags, f"{role}: tasks/{step}.yml has no {role}_{step} tag"
 
