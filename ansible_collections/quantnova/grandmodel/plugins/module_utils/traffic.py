@@ -551,7 +551,7 @@ class NginxBackend(TrafficBackend):
     def __init__(self, upstream_file, *, upstream_name="grandmodel_backend", backends=None, keepalive=32,
                  nginx_binary="nginx", nginx_config="/etc/nginx/nginx.conf", nginx_prefix=None,
                  reload_command=None, state_file=None, verifier=None, command_timeout=60, lock_timeout=30.0,
-                 metrics_file=None):
+                 metrics_file=None, precheck_path=None, precheck_timeout=2.0):
         self.upstream_file = os.path.abspath(upstream_file)
         self.upstream_name = upstream_name
         self.backends = backends or {}
@@ -570,6 +570,11 @@ class NginxBackend(TrafficBackend):
         self.verifier = verifier
         self.command_timeout = check_number("command_timeout", command_timeout, above=0)
         self.lock_timeout = check_number("lock_timeout", lock_timeout, minimum=0)
+        self.precheck_path = precheck_path or None
+        if self.precheck_path and not self.precheck_path.startswith("/"):
+            raise TrafficSwitchError("precheck_path must be an absolute path such as /ready (got %r)" % precheck_path)
+        self.precheck_timeout = check_number("precheck_timeout", precheck_timeout, above=0)
+        self.precheck_evidence = {}
         self.reloaded = False
         self.wrote = False
         self.candidate = None
@@ -753,8 +758,37 @@ class NginxBackend(TrafficBackend):
         self.test_evidence = {"tested": scope, "note": note}
         return self.test_evidence
 
+    def check_ready(self, plan):
+        """Every server of the new colour answers 200 on precheck_path, or nothing is touched.
+
+        Switching to a colour that is down would send clients to it until the verification gives up
+        (without a backup, each of those requests fails); asking each server first avoids that.
+        """
+        if not self.precheck_path:
+            return {}
+        client = HttpClient(timeout=self.precheck_timeout)
+        answers, problems = {}, []
+        for address in self.backends.get(plan.color) or ():
+            url = "http://%s%s" % (str(address).strip(), self.precheck_path)
+            try:
+                response = client.get(url)
+                answers[address] = response.status
+                if response.status != 200:
+                    problems.append("%s answered %d" % (url, response.status))
+            except HttpProbeError as exc:
+                answers[address] = str(exc)
+                problems.append(str(exc))
+        self.precheck_evidence = {"path": self.precheck_path, "answers": answers, "ready": not problems}
+        if problems:
+            raise TrafficSwitchError("refusing to switch %s to %s: not every server of %s is ready (%s); the live "
+                                     "upstream was not touched" % (self.upstream_file, plan.color, plan.color,
+                                                                   "; ".join(problems)),
+                                     precheck=self.precheck_evidence)
+        return self.precheck_evidence
+
     def apply(self, plan):
         self.reloaded = self.wrote = False
+        self.check_ready(plan)
         self.candidate = _write_temp(self.directory, self.base, plan.after, _file_mode(self.upstream_file),
                                      suffix=".candidate")
         if plan.before is not None:
@@ -890,6 +924,8 @@ def switch_traffic(backend, color, check_mode=False, want_diff=False, backup_col
         result["seconds"] = round(time.monotonic() - started, 3)
         if getattr(backend, "test_evidence", None):
             result["config_test"] = backend.test_evidence
+        if getattr(backend, "precheck_evidence", None):
+            result["precheck"] = backend.precheck_evidence
         return result
 
 

@@ -132,6 +132,18 @@ options:
     description: Seconds between verification requests; 0 or more.
     type: float
     default: 0.1
+  precheck_path:
+    description:
+      - Path (for example V(/ready)) every server of the new colour must answer with 200, asked directly on its
+        address in O(backends) before anything is touched. A server that does not fails the module with the
+        live upstream untouched, so clients are never sent to a colour that is down.
+      - Empty (the default) skips the check.
+    type: str
+    default: ""
+  precheck_timeout:
+    description: Seconds each O(precheck_path) request may take (above 0).
+    type: float
+    default: 2.0
   lock_timeout:
     description:
       - Seconds to wait for another switch of the same upstream file to finish (0 or more); then the module fails
@@ -282,6 +294,11 @@ config_test:
   returned: when a switch was made
   type: dict
   sample: {tested: main_config, note: the main configuration /etc/nginx/nginx.conf with the candidate in place}
+precheck:
+  description: What each server of the new colour answered on O(precheck_path) (C(path), C(answers), C(ready)).
+  returned: when O(precheck_path) is set and a switch was attempted
+  type: dict
+  sample: {path: /ready, answers: {"10.0.0.5:8002": 200}, ready: true}
 lock:
   description: The lock file and how long the switch waited for it (C(lock_file), C(lock_waited_s)).
   returned: with O(state=active) or O(state=previous), outside check mode
@@ -345,6 +362,8 @@ def argument_spec():
         verify_timeout=dict(type="float", default=10.0),
         verify_consecutive=dict(type="int", default=3),
         verify_interval=dict(type="float", default=0.1),
+        precheck_path=dict(type="str", default=""),
+        precheck_timeout=dict(type="float", default=2.0),
         lock_timeout=dict(type="float", default=30.0),
         command_timeout=dict(type="float", default=60.0),
         metrics_file=dict(type="path"),
@@ -366,6 +385,7 @@ def build_backend(params):
         nginx_prefix=params["nginx_prefix"], reload_command=params["reload_command"],
         state_file=params["state_file"], verifier=verifier, lock_timeout=params["lock_timeout"],
         command_timeout=params["command_timeout"], metrics_file=params["metrics_file"],
+        precheck_path=params["precheck_path"], precheck_timeout=params["precheck_timeout"],
     )
 
 

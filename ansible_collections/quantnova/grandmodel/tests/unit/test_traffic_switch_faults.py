@@ -402,3 +402,23 @@ def test_a_missing_metrics_directory_is_named(nginx: NginxUnderTest, capsys: pyt
 def test_numeric_checks_of_the_backend_itself(tmp_path: Path) -> None:
     with pytest.raises(TrafficSwitchError, match=r"keepalive must be a whole number \(got 1.5\)"):
         NginxBackend(str(tmp_path / "u.conf"), keepalive=1.5)
+
+
+def test_a_colour_that_is_down_is_refused_before_anything_is_touched(
+        nginx: NginxUnderTest, capsys: pytest.CaptureFixture[str]) -> None:
+    before = nginx.upstream_file.stat()
+    pids = workers(nginx)
+    dead = nginx.backends(green=[f"127.0.0.1:{free_port()}"])
+    result = run_module(traffic_switch.main, module_args(nginx, "green", backends=dead, precheck_path="/version"),
+                        capsys)
+    assert result["failed"] is True
+    assert "refusing to switch" in result["msg"] and "not every server of green is ready" in result["msg"]
+    assert "connection refused" in result["msg"] and result["precheck"]["ready"] is False
+    after = nginx.upstream_file.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert workers(nginx) == pids
+    ok = run_module(traffic_switch.main, module_args(nginx, "green", precheck_path="/version"), capsys)
+    assert not ok.get("failed"), ok
+    assert ok["precheck"] == {"path": "/version", "answers": {f"127.0.0.1:{nginx.green.port}": 200}, "ready": True}
+    bad = run_module(traffic_switch.main, module_args(nginx, "blue", precheck_path="ready"), capsys)
+    assert bad["failed"] is True and bad["msg"] == "precheck_path must be an absolute path such as /ready (got 'ready')"
