@@ -610,7 +610,7 @@ class RawServer:
     def serve(self) -> None:
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, _peer = self.sock.accept()
             except OSError:
                 return
             if self.answer is None:  # accept and never answer: a hung (SIGSTOPped) process looks the same

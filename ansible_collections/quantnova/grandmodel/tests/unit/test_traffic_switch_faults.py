@@ -79,7 +79,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
 
 def serving_steadily(nginx: NginxUnderTest, color: str, times: int = 5) -> bool:
     """`color` answers `times` fresh connections in a row (old workers finish their requests after a reload)."""
-    return all(nginx.serving() == color for _ in range(times))
+    return all(nginx.serving() == color for _attempt in range(times))
 
 
 class HeldVerifyUrl(LoopbackServer):
@@ -178,7 +178,7 @@ class RawServer:
     def serve(self) -> None:
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, _peer = self.sock.accept()
             except OSError:
                 return
             with conn:
@@ -235,7 +235,7 @@ def test_an_unexpected_exception_or_interrupt_restores_then_is_raised_again(
     assert info.value is fault
     assert any("previous state restored" in note for note in getattr(info.value, "__notes__", []))
     assert nginx.upstream_file.read_text() == before
-    assert [nginx.serving() for _ in range(5)] == ["blue"] * 5
+    assert [nginx.serving() for _attempt in range(5)] == ["blue"] * 5
     assert leftovers(nginx) == []
 
 
@@ -352,7 +352,7 @@ def test_a_backup_colour_answers_when_the_live_one_dies_and_leaves_in_the_same_s
     assert 'grandmodel_traffic_backup_color{color="blue",upstream="grandmodel_backend"} 1' in metrics.read_text()
     # The live colour dies: every request is answered by the backup at once, none fails.
     nginx.green.stop()
-    assert [nginx.serving() for _ in range(20)] == ["blue"] * 20
+    assert [nginx.serving() for _attempt in range(20)] == ["blue"] * 20
     query = run_module(traffic_switch.main, dict(state="query", upstream_file=str(nginx.upstream_file)), capsys)
     assert (query["active_color"], query["backup_color"]) == ("green", "blue")
     # Switching back without a backup drops the backup line in the same atomic switch.
