@@ -53,7 +53,6 @@ class Stats:
     last: float = 0.0
 
 
-
 def _complete_message_length(buffer: bytearray) -> int | None:
     """Length of the complete HTTP/1.1 message at the head of buffer, framed by Content-Length."""
     header_end = buffer.find(b"\r\n\r\n")
@@ -67,6 +66,7 @@ def _complete_message_length(buffer: bytearray) -> int | None:
         length = int(header[at + 15 : stop if stop >= 0 else None])
     total = header_end + 4 + length
     return total if len(buffer) >= total else None
+
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection carrying one request at a time."""

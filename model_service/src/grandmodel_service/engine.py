@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +47,17 @@ class BatchOutput:
 
     def first_non_finite(self) -> int | None:
         """Index of the first sample with a NaN or Inf anywhere in its outputs, or None."""
-        columns = [self.probabilities, self.value[:, None]]
+        arrays = [self.probabilities, self.value]
         if self.mc_mean is not None:
-            columns += [self.mc_mean, self.mc_std]  # type: ignore[list-item]
-            columns += [self.mc_value_mean[:, None], self.mc_value_std[:, None]]  # type: ignore[index]
-        finite = np.isfinite(np.concatenate(columns, axis=1)).all(axis=1)
-        if finite.all():
+            arrays += [self.mc_mean, self.mc_std, self.mc_value_mean, self.mc_value_std]  # type: ignore[list-item]
+        # Fast path: a NaN or Inf anywhere makes the sum non-finite (a finite sum of finite
+        # values that overflows only sends us to the exact check below).
+        if math.isfinite(sum(float(a.sum()) for a in arrays)):
             return None
-        return int(np.argmin(finite))
+        finite = np.ones(len(self), dtype=bool)
+        for array in arrays:
+            finite &= np.isfinite(array.reshape(len(self), -1)).all(axis=1)
+        return None if finite.all() else int(np.argmin(finite))
 
     def slice(self, start: int, stop: int) -> BatchOutput:
         def part(array: np.ndarray | None) -> np.ndarray | None:

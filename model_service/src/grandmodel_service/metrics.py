@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import Any
 
 import numpy as np
@@ -214,6 +215,7 @@ class PredictionStats(Collector):
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         self.bounds = np.asarray(CONFIDENCE_BUCKETS, dtype=np.float64)
+        self._bounds_list = list(CONFIDENCE_BUCKETS)
         # (model, color) -> [action counts, bucket counts (len(bounds) + 1), confidence sum]
         self._series: dict[tuple[str, str], list[Any]] = {}
         self._actions: dict[str, tuple[str, ...]] = {}
@@ -228,6 +230,13 @@ class PredictionStats(Collector):
     def observe(self, model: str, color: str, probabilities: np.ndarray) -> None:
         """Record a (B, actions) probability matrix of finite rows."""
         series = self._series[(model, color)]
+        if probabilities.shape[0] <= 4:  # a few rows: plain Python beats numpy's call costs
+            for row in probabilities.tolist():
+                confidence = max(row)
+                series[0][row.index(confidence)] += 1
+                series[1][bisect_left(self._bounds_list, confidence)] += 1
+                series[2] += confidence
+            return
         confidence = probabilities.max(axis=1)
         series[0] += np.bincount(probabilities.argmax(axis=1), minlength=series[0].size)
         series[1] += np.bincount(
