@@ -437,7 +437,8 @@ def _table(f: dict[str, Any]) -> str:
         "",
         f"Tail, open loop at {t['rate']} req/s (half the single c16 capacity): "
         f"p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms, p99.9 {t['p99_9_ms']} ms, "
-        f"max {t['max_ms']} ms; unloaded p50 {t['unloaded_p50_ms']} ms; served {t['rps']} req/s, statuses {t['statuses']}.",
+        f"max {t['max_ms']} ms; unloaded p50 {t['unloaded_p50_ms']} ms; "
+        f"served {t['rps']} req/s, statuses {t['statuses']}.",
     ]
     m = f["mc_flood"]
     lines += [
