@@ -1,0 +1,457 @@
+"""The AWX definitions in awx/ agree with the playbooks they launch; no AWX server is needed.
+
+- every job template's playbook, inventory source, credentials and teams exist;
+- every survey variable is an input its playbook declares: an option of meta/argument_specs.yml of a
+  role the playbook calls, or an extra var its header documents, whose type/choices/default are read
+  from the code that consumes it; same type, same choices, same default, required where required;
+- no survey variable is set by an inventory (a survey answer is an extra var and would beat it);
+- the survey and workflow payloads that playbooks/awx_apply.yml really builds (its render mode) are
+  valid AWX specs for those inputs;
+- the workflow's nodes reference templates that exist, an approval precedes the rollout and the
+  rollback, and only release-managers may launch a rollout;
+- the schedules' RRULEs parse (python-dateutil) and fire at the stated New York times across a DST
+  change; credentials and notifications carry no secret values;
+- the apply playbook passes syntax-check and refuses to run without a controller, naming what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+from dateutil.rrule import rrulestr
+
+from .conftest import COLLECTION, REPO, VENV_BIN
+
+AWX = REPO / "awx"
+APPLY = REPO / "playbooks" / "awx_apply.yml"
+ROLES = COLLECTION / "roles"
+EXCHANGE_TZ = ZoneInfo("America/New_York")
+# The playbooks that exist today and must each have a job template.
+REQUIRED_PLAYBOOKS = {
+    "site.yml", "playbooks/rollout.yml", "playbooks/rollback.yml", "playbooks/switch_back.yml",
+    "playbooks/backup.yml", "playbooks/restore.yml", "playbooks/drift_check.yml", "playbooks/k8s.yml",
+}
+ARGSPEC_TYPES = {"str", "int", "bool", "list", "float"}
+
+
+def load_definitions() -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for path in sorted(AWX.glob("*.yml")):
+        data = yaml.safe_load(path.read_text())
+        overlap = set(merged) & set(data)
+        assert not overlap, f"{path.name} redefines {overlap}"
+        merged.update(data)
+    return merged
+
+
+DEFS = load_definitions()
+TEMPLATES = {t["name"]: t for t in DEFS["awx_job_templates"]}
+WORKFLOWS = {w["name"]: w for w in DEFS["awx_workflows"]}
+TEAMS = {t["name"] for t in DEFS["awx_teams"]}
+SURVEYED = [(name, q) for name, t in (TEMPLATES | WORKFLOWS).items() for q in t.get("survey", [])]
+
+
+# --- what a playbook declares ---------------------------------------------------------------------------
+
+
+def plays_of(playbook: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every play of a playbook, import_playbook followed."""
+    found: list[tuple[Path, dict[str, Any]]] = []
+    for play in yaml.safe_load(playbook.read_text()):
+        imported = play.get("ansible.builtin.import_playbook") or play.get("import_playbook")
+        if imported:
+            found += plays_of(playbook.parent / imported)
+        else:
+            found.append((playbook, play))
+    return found
+
+
+def roles_called(tasks: list[dict[str, Any]]) -> set[str]:
+    names: set[str] = set()
+    for task in tasks or []:
+        for key in ("block", "rescue", "always"):
+            names |= roles_called(task.get(key, []))
+        for key in ("ansible.builtin.include_role", "ansible.builtin.import_role", "include_role", "import_role"):
+            if key in task:
+                names.add(task[key]["name"])
+    return names
+
+
+def role_dir(name: str) -> Path:
+    assert name.startswith("quantnova.grandmodel."), f"role {name} is not addressed by FQCN"
+    return ROLES / name.rsplit(".", 1)[1]
+
+
+def argument_spec_options(playbook: Path) -> dict[str, dict[str, Any]]:
+    """Options of every entry point of every role the playbook (and what it imports) calls."""
+    options: dict[str, dict[str, Any]] = {}
+    for _, play in plays_of(playbook):
+        names = {r["role"] if isinstance(r, dict) else r for r in play.get("roles", [])}
+        for key in ("pre_tasks", "tasks", "post_tasks", "handlers"):
+            names |= roles_called(play.get(key, []))
+        for name in names:
+            spec_file = role_dir(name) / "meta" / "argument_specs.yml"
+            if spec_file.exists():
+                for entry in yaml.safe_load(spec_file.read_text())["argument_specs"].values():
+                    options.update(entry.get("options", {}))
+    return options
+
+
+def documented_extra_vars(playbook: Path) -> set[str]:
+    """Names the playbook's header comment documents: `-e name=...` and `# name / other: ...` lines."""
+    header = []
+    for line in playbook.read_text().splitlines():
+        if line.startswith("- "):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    names = set(re.findall(r"-e ([a-z][a-z0-9_]*)=", text))
+    for match in re.finditer(r"^# ((?:[a-z][a-z0-9_]* / )*[a-z][a-z0-9_]*):", text, re.M):
+        names |= set(match.group(1).split(" / "))
+    return names
+
+
+def _read(rel: str) -> str:
+    return (REPO / rel).read_text()
+
+
+def _rollout_color_names() -> list[str]:
+    spec = yaml.safe_load((ROLES / "rollout" / "meta" / "argument_specs.yml").read_text())
+    return list(spec["argument_specs"]["main"]["options"]["rollout_colors"]["default"])
+
+
+def _release_version() -> dict[str, Any]:
+    pattern = re.search(r"release_version is match\('\^\[[^\]]+\]\[[^\]]+\]\{0,(\d+)\}\$'\)",
+                        (ROLES / "rollout" / "tasks" / "preflight.yml").read_text())
+    assert pattern, "roles/rollout/tasks/preflight.yml no longer checks release_version against its pattern"
+    return {"type": "str", "required": True, "min": 1, "max": int(pattern.group(1)) + 1}
+
+
+def _restore_targets() -> dict[str, Any]:
+    text = _read("playbooks/restore.yml")
+    default = re.search(r"restore_targets \| default\((\[[^\]]*\])\)", text)
+    assert default, "playbooks/restore.yml no longer defaults restore_targets"
+    return {"type": "list", "elements": "str", "default": yaml.safe_load(default.group(1)),
+            "choices": sorted(set(re.findall(r"'(\w+)' in restore_targets", text)))}
+
+
+def _restore_confirm() -> dict[str, Any]:
+    default = re.search(r"restore_confirm \| default\((true|false)\) \| bool", _read("playbooks/restore.yml"))
+    assert default, "playbooks/restore.yml no longer reads restore_confirm as a bool"
+    return {"type": "bool", "default": default.group(1) == "true"}
+
+
+# Inputs documented in a playbook header but not in any argument_specs: their spec is read from the code
+# that consumes them, so a change there fails here.
+EXTRA_VAR_SPECS = {
+    "release_version": _release_version,
+    "rollback_to": lambda: {"type": "str", "choices": _rollout_color_names()},
+    "restore_targets": _restore_targets,
+    "restore_confirm": _restore_confirm,
+    "restore_postgresql_file": lambda: {"type": "str"},
+    "restore_redis_file": lambda: {"type": "str"},
+}
+
+
+def declared_spec(playbook_rel: str, variable: str) -> dict[str, Any]:
+    playbook = REPO / playbook_rel
+    options = argument_spec_options(playbook)
+    if variable in options:
+        return options[variable]
+    assert variable in documented_extra_vars(playbook), (
+        f"{variable} is neither an argument_specs option of a role {playbook_rel} calls nor an extra var "
+        f"its header documents ({sorted(documented_extra_vars(playbook))})")
+    assert variable in EXTRA_VAR_SPECS, f"no spec is derived for the documented extra var {variable}"
+    return EXTRA_VAR_SPECS[variable]()
+
+
+def playbooks_fed_by(name: str) -> list[str]:
+    """The playbooks a template's (or a workflow's) survey answers reach."""
+    if name in TEMPLATES:
+        return [TEMPLATES[name]["playbook"]]
+    return [TEMPLATES[n["template"]]["playbook"] for n in WORKFLOWS[name]["nodes"] if "template" in n]
+
+
+# --- templates, inventories, credentials ------------------------------------------------------------------
+
+
+def test_every_playbook_of_today_has_a_template() -> None:
+    assert {t["playbook"] for t in TEMPLATES.values()} >= REQUIRED_PLAYBOOKS
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_template_references_exist(name: str) -> None:
+    template = TEMPLATES[name]
+    playbook = REPO / template["playbook"]
+    assert playbook.is_file(), f"{name}: playbook {template['playbook']} does not exist"
+    assert plays_of(playbook), f"{name}: {template['playbook']} has no play"
+    inventories = {i["name"]: i for i in DEFS["awx_inventories"]}
+    assert template["inventory"] in inventories, f"{name}: unknown inventory {template['inventory']}"
+    assert set(template["credentials"]) <= {c["name"] for c in DEFS["awx_credentials"]}
+    assert template["execute"] and set(template["execute"]) <= TEAMS
+    for role in {r for _, p in plays_of(playbook) for r in roles_called(p.get("tasks", []))}:
+        assert role_dir(role).is_dir(), f"{name}: {template['playbook']} calls {role}, which does not exist"
+
+
+@pytest.mark.parametrize("inventory", DEFS["awx_inventories"], ids=lambda i: i["name"])
+def test_inventory_sources_exist_in_the_repository(inventory: dict[str, Any]) -> None:
+    source = REPO / inventory["source_path"]
+    assert source.is_file(), f"{inventory['name']}: {inventory['source_path']} does not exist"
+    assert (source.parent / "group_vars").is_dir()
+    assert yaml.safe_load(source.read_text())["all"], f"{inventory['source_path']} has no hosts"
+    assert set(inventory["use"]) <= TEAMS
+
+
+def test_the_three_environments_are_inventories() -> None:
+    paths = {i["source_path"] for i in DEFS["awx_inventories"]}
+    assert paths == {f"inventories/{env}/hosts.yml" for env in ("sandbox", "staging", "production")}
+
+
+def test_credentials_and_notifications_hold_no_secret() -> None:
+    for credential in DEFS["awx_credentials"]:
+        assert set(credential) <= {"name", "credential_type", "description", "inputs_from_env"}, credential["name"]
+        for field, env in credential["inputs_from_env"].items():
+            assert re.fullmatch(r"GM_AWX_[A-Z0-9_]+", env), f"{credential['name']}.{field}: {env!r} is not a name"
+    assert {c["credential_type"] for c in DEFS["awx_credentials"]} >= {"Vault", "Machine"}
+    for notification in DEFS["awx_notification_templates"]:
+        assert re.fullmatch(r"[a-z_]+", notification["url_from"]), "a notification URL must come from a variable"
+        assert "://" not in json.dumps(notification)
+    assert set(DEFS["awx_notify_on_error"]) <= {n["name"] for n in DEFS["awx_notification_templates"]}
+    assert "://" not in (AWX / "organization.yml").read_text(), "the SCM URL comes from a variable"
+
+
+# --- surveys against the declared inputs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("template", "question"), SURVEYED, ids=[f"{t}:{q['variable']}" for t, q in SURVEYED])
+def test_survey_variable_is_a_declared_input(template: str, question: dict[str, Any]) -> None:
+    assert question["type"] in ARGSPEC_TYPES
+    assert question.get("question"), f"{template}: {question['variable']} has no question"
+    # A workflow's answers reach every node; each input must be declared by at least one of them.
+    candidates = playbooks_fed_by(template)
+    declaring = [p for p in candidates if question["variable"] in argument_spec_options(REPO / p)
+                 or question["variable"] in documented_extra_vars(REPO / p)]
+    assert declaring, f"{template}: {question['variable']} is declared by none of {candidates}"
+    for playbook in declaring:
+        spec = declared_spec(playbook, question["variable"])
+        where = f"{template}: {question['variable']} against {playbook}"
+        assert question["type"] == spec.get("type", "str"), where
+        if spec.get("elements") or question.get("elements"):
+            assert question.get("elements") == spec.get("elements"), where
+        assert sorted(question.get("choices", [])) == sorted(spec.get("choices", [])), where
+        if spec.get("required"):
+            assert question.get("required") is True, f"{where}: required by the playbook"
+        if question.get("required") and not spec.get("required"):
+            # A required question always sends a value: it must be the playbook's own default.
+            assert "default" in question and "default" in spec, f"{where}: required in AWX, optional in the playbook"
+        if "default" in question or "default" in spec:
+            assert question.get("default") == spec.get("default"), f"{where}: defaults differ"
+        if "max" in spec:
+            assert question.get("max", 1024) <= spec["max"], where
+            assert question.get("min", 0) >= spec.get("min", 0), where
+
+
+def inventory_keys() -> set[str]:
+    keys: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                keys.add(str(key))
+                walk(value)
+
+    for path in (REPO / "inventories").rglob("*.yml"):
+        walk(yaml.safe_load(path.read_text()))
+    return keys
+
+
+def test_no_survey_variable_is_set_by_an_inventory() -> None:
+    overridden = {q["variable"] for _, q in SURVEYED} & inventory_keys()
+    assert not overridden, f"survey answers (extra vars) would beat these inventory values: {overridden}"
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("awx-render")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTROLLER_", "GM_AWX_"))}
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), str(APPLY), "-e", f"awx_render_dir={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+
+
+AWX_TYPE = {"int": "integer", "list": "multiselect", "bool": "multiplechoice"}
+
+
+def test_rendered_surveys_are_valid_awx_specs(rendered: dict[str, Any]) -> None:
+    surveys = rendered["surveys"]
+    assert set(surveys) == {name for name, t in (TEMPLATES | WORKFLOWS).items() if t.get("survey")}
+    for name, spec in surveys.items():
+        questions = (TEMPLATES | WORKFLOWS)[name]["survey"]
+        assert [q["variable"] for q in spec] == [q["variable"] for q in questions], name
+        assert len({q["variable"] for q in spec}) == len(spec), f"{name}: a variable asked twice"
+        for awx_q, q in zip(spec, questions, strict=True):
+            where = f"{name}: {q['variable']}"
+            expected = AWX_TYPE.get(q["type"], "multiplechoice" if q.get("choices") else "text")
+            assert awx_q["type"] == expected, where
+            assert awx_q["required"] is bool(q.get("required")), where
+            choices = awx_q["choices"].split("\n") if awx_q["choices"] else []
+            if q["type"] == "bool":
+                assert choices == ["true", "false"], where
+                assert awx_q["default"] == str(q["default"]).lower(), where
+            else:
+                assert choices == q.get("choices", []), where
+            if awx_q["type"] == "multiplechoice" and awx_q["default"]:
+                assert awx_q["default"] in choices, where
+            if awx_q["type"] == "multiselect":
+                assert set(awx_q["default"].split("\n")) <= set(choices), where
+                assert awx_q["default"].split("\n") == q.get("default", []), where
+            if awx_q["type"] in {"text", "integer"}:
+                assert isinstance(awx_q["min"], int) and isinstance(awx_q["max"], int), where
+                assert awx_q["min"] <= awx_q["max"], where
+                if q.get("default") not in (None, ""):
+                    assert awx_q["default"] == q["default"], where
+
+
+# --- the release workflow ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_nodes_reference_what_exists(name: str, rendered: dict[str, Any]) -> None:
+    workflow = WORKFLOWS[name]
+    ids = [n["id"] for n in workflow["nodes"]]
+    assert len(ids) == len(set(ids)), f"{name}: duplicate node ids"
+    for node in workflow["nodes"]:
+        assert ("template" in node) != ("approval" in node), f"{name}: {node['id']} must be a template or an approval"
+        if "template" in node:
+            assert node["template"] in TEMPLATES, f"{name}: {node['id']} runs unknown template {node['template']}"
+        else:
+            assert node["approval"]["name"] and node["approval"]["timeout"] > 0
+        for link in ("success", "failure", "always"):
+            assert set(node.get(link, [])) <= set(ids), f"{name}: {node['id']} {link} -> unknown node"
+    assert set(workflow["execute"]) <= TEAMS and set(workflow["approve"]) <= TEAMS
+    nodes = {n["identifier"]: n for n in rendered["workflow_nodes"][name]}
+    assert list(nodes) == ids
+    for node in workflow["nodes"]:
+        awx_node = nodes[node["id"]]
+        if "template" in node:
+            assert awx_node["unified_job_template"]["type"] == "job_template"
+            assert awx_node["unified_job_template"]["name"] == node["template"]
+        else:
+            assert awx_node["unified_job_template"]["type"] == "workflow_approval"
+        for link in ("success", "failure", "always"):
+            assert [x["identifier"] for x in awx_node["related"][f"{link}_nodes"]] == node.get(link, [])
+
+
+def test_release_workflow_approves_before_rollout_and_before_rollback() -> None:
+    workflow = WORKFLOWS["GrandModel release"]
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    parents: dict[str, list[tuple[str, str]]] = {}
+    for node in workflow["nodes"]:
+        for link in ("success", "failure", "always"):
+            for child in node.get(link, []):
+                parents.setdefault(child, []).append((node["id"], link))
+    roots = [i for i in nodes if i not in parents]
+    assert len(roots) == 1 and "approval" in nodes[roots[0]], "the workflow must start with an approval"
+    by_playbook = {n["id"]: TEMPLATES[n["template"]]["playbook"] for n in nodes.values() if "template" in n}
+    rollout = [i for i, p in by_playbook.items() if p == "playbooks/rollout.yml"]
+    rollback = [i for i, p in by_playbook.items() if p == "playbooks/rollback.yml"]
+    assert len(rollout) == 1 and len(rollback) == 1
+    for target in rollout + rollback:
+        assert all("approval" in nodes[p] and link == "success" for p, link in parents[target]), target
+    (approval,) = (p for p, _ in parents[rollback[0]])
+    assert parents[approval] == [(rollout[0], "failure")], "the rollback must follow a failed rollout"
+
+
+def test_only_release_managers_launch_a_rollout() -> None:
+    for name, template in TEMPLATES.items():
+        if template["playbook"] in {"playbooks/rollout.yml", "site.yml", "playbooks/k8s.yml"}:
+            assert template["execute"] == ["release-managers"], name
+    for name, workflow in WORKFLOWS.items():
+        if any(TEMPLATES[n["template"]]["playbook"] == "playbooks/rollout.yml"
+               for n in workflow["nodes"] if "template" in n):
+            assert workflow["execute"] == ["release-managers"] and workflow["approve"] == ["release-managers"], name
+    runbooks = {"playbooks/rollback.yml", "playbooks/switch_back.yml", "playbooks/backup.yml",
+                "playbooks/drift_check.yml", "playbooks/restore.yml"}
+    for name, template in TEMPLATES.items():
+        if template["playbook"] in runbooks:
+            assert "operators" in template["execute"], name
+
+
+def test_every_template_notifies_on_failure() -> None:
+    assert DEFS["awx_notify_on_error"], "templates and workflows send awx_notify_on_error when they fail"
+
+
+# --- schedules ---------------------------------------------------------------------------------------------
+
+RRULE = re.compile(
+    r"DTSTART;TZID=(?P<tz>[A-Za-z_]+/[A-Za-z_]+):(?P<start>\d{8}T\d{6}) "
+    r"RRULE:FREQ=(?:DAILY|WEEKLY)(?:;INTERVAL=\d+)?(?:;BYDAY=(?:MO|TU|WE|TH|FR|SA|SU)(?:,(?:MO|TU|WE|TH|FR|SA|SU))*)?")
+
+
+def occurrences(rule: str, after: datetime, count: int) -> list[datetime]:
+    parsed = rrulestr(rule.replace(" RRULE:", "\nRRULE:"))
+    found: list[datetime] = []
+    moment = after
+    while len(found) < count:
+        moment = parsed.after(moment)
+        found.append(moment)
+    return found
+
+
+@pytest.mark.parametrize("schedule", DEFS["awx_schedules"], ids=lambda s: s["name"])
+def test_schedule_rrule_parses_and_names_a_template(schedule: dict[str, Any]) -> None:
+    assert schedule["template"] in TEMPLATES | WORKFLOWS
+    match = RRULE.fullmatch(schedule["rrule"])
+    assert match, f"{schedule['name']}: {schedule['rrule']!r} is not an AWX RRULE"
+    assert match["tz"] == "America/New_York"
+    # Ten occurrences across the start of daylight saving time (2027-03-14): the local time stays put.
+    runs = occurrences(schedule["rrule"], datetime(2027, 3, 8, tzinfo=UTC), 10)
+    local = [r.astimezone(EXCHANGE_TZ) for r in runs]
+    start = datetime.strptime(match["start"], "%Y%m%dT%H%M%S")
+    assert {(t.hour, t.minute) for t in local} == {(start.hour, start.minute)}
+    assert len({r.utcoffset() for r in runs}) == 2, "the schedule must follow New York's DST, not a fixed offset"
+
+
+def test_backups_run_after_the_close_on_exchange_days() -> None:
+    (backup,) = (s for s in DEFS["awx_schedules"] if TEMPLATES[s["template"]]["playbook"] == "playbooks/backup.yml")
+    local = [r.astimezone(EXCHANGE_TZ) for r in occurrences(backup["rrule"], datetime(2027, 3, 8, tzinfo=UTC), 15)]
+    assert {t.weekday() for t in local} == {0, 1, 2, 3, 4}
+    assert all((t.hour, t.minute) >= (16, 0) for t in local), "backups must start after the 16:00 close"
+
+
+def test_drift_check_runs_daily() -> None:
+    (drift,) = (s for s in DEFS["awx_schedules"]
+                if TEMPLATES[s["template"]]["playbook"] == "playbooks/drift_check.yml")
+    local = [r.astimezone(EXCHANGE_TZ) for r in occurrences(drift["rrule"], datetime(2027, 3, 8, tzinfo=UTC), 14)]
+    assert {t.weekday() for t in local} == set(range(7))
+    assert all((b - a).days in {0, 1} and b.date() > a.date() for a, b in zip(local, local[1:], strict=False))
+
+
+# --- the apply playbook ------------------------------------------------------------------------------------
+
+
+def test_apply_playbook_passes_syntax_check() -> None:
+    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "--syntax-check", str(APPLY)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_apply_refuses_without_a_controller_and_names_what_is_missing() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTROLLER_", "GM_AWX_"))}
+    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), str(APPLY), "--check"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "controller host" in out and "project SCM URL" in out and "failure webhook URL" in out, out[-2000:]
+    assert "Ensure the organization exists" not in out, "nothing may be sent to a controller"
