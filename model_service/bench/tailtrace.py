@@ -127,6 +127,19 @@ def _serve(model_dir: str, port: int, cpu: int | None) -> None:  # runs in the c
     uvicorn.Server(config).run()
 
 
+def _schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) summed over pid's threads."""
+    on_cpu = waiting = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:
+            continue
+        on_cpu += int(fields[0])
+        waiting += int(fields[1])
+    return on_cpu / 1e9, waiting / 1e9
+
+
 def _quantiles(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:
         return {}
@@ -235,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/trace", timeout=30).read()
                 )["records"]
             )
+            sched_before, wall_before = _schedstat(proc.pid), time.monotonic()
             loaded = run_spec(
                 {**base, "rate": rate, "concurrency": 64, "duration": args.seconds}, client_cpu
             )
+            sched_after, wall = _schedstat(proc.pid), time.monotonic() - wall_before
             trace = json.loads(
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/trace", timeout=30).read()
             )
@@ -257,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             **{k: loaded[k] for k in ("rps", "p50_ms", "p99_ms", "p99_9_ms", "max_ms")},
         },
         "p99_over_unloaded_p50": round(loaded["p99_ms"] / unloaded["p50_ms"], 1),
+        # Of each wall-clock second of the open-loop phase: how long the server's threads ran,
+        # and how long they were runnable but waited for the CPU (other processes had it).
+        "server_cpu_per_s": round((sched_after[0] - sched_before[0]) / wall, 3),
+        "server_runqueue_wait_per_s": round((sched_after[1] - sched_before[1]) / wall, 3),
         "server": analyse(trace),
     }
     print(json.dumps(report, indent=1))

@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         True, description="Run MC in worker process(es) (no GIL shared with the event loop)"
     )
     inline_inference: bool = Field(
-        True, description="Run plain forward passes on the event loop thread (no thread hop)"
+        False, description="Run plain forward passes on the event loop thread (no thread hop)"
     )
 
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads")
