@@ -16,10 +16,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
-from dateutil.rrule import rrulestr
+from dateutil.rrule import rrulestr  # type: ignore[import-untyped]
 
 from .conftest import COLLECTION, REPO, VENV_BIN
 
@@ -37,8 +39,14 @@ ROLES = COLLECTION / "roles"
 EXCHANGE_TZ = ZoneInfo("America/New_York")
 # The playbooks that exist today and must each have a job template.
 REQUIRED_PLAYBOOKS = {
-    "site.yml", "playbooks/rollout.yml", "playbooks/rollback.yml", "playbooks/switch_back.yml",
-    "playbooks/backup.yml", "playbooks/restore.yml", "playbooks/drift_check.yml", "playbooks/k8s.yml",
+    "site.yml",
+    "playbooks/rollout.yml",
+    "playbooks/rollback.yml",
+    "playbooks/switch_back.yml",
+    "playbooks/backup.yml",
+    "playbooks/restore.yml",
+    "playbooks/drift_check.yml",
+    "playbooks/k8s.yml",
 }
 ARGSPEC_TYPES = {"str", "int", "bool", "list", "float"}
 
@@ -130,8 +138,10 @@ def _rollout_color_names() -> list[str]:
 
 
 def _release_version() -> dict[str, Any]:
-    pattern = re.search(r"release_version is match\('\^\[[^\]]+\]\[[^\]]+\]\{0,(\d+)\}\$'\)",
-                        (ROLES / "rollout" / "tasks" / "preflight.yml").read_text())
+    pattern = re.search(
+        r"release_version is match\('\^\[[^\]]+\]\[[^\]]+\]\{0,(\d+)\}\$'\)",
+        (ROLES / "rollout" / "tasks" / "preflight.yml").read_text(),
+    )
     assert pattern, "roles/rollout/tasks/preflight.yml no longer checks release_version against its pattern"
     return {"type": "str", "required": True, "min": 1, "max": int(pattern.group(1)) + 1}
 
@@ -140,8 +150,12 @@ def _restore_targets() -> dict[str, Any]:
     text = _read("playbooks/restore.yml")
     default = re.search(r"restore_targets \| default\((\[[^\]]*\])\)", text)
     assert default, "playbooks/restore.yml no longer defaults restore_targets"
-    return {"type": "list", "elements": "str", "default": yaml.safe_load(default.group(1)),
-            "choices": sorted(set(re.findall(r"'(\w+)' in restore_targets", text)))}
+    return {
+        "type": "list",
+        "elements": "str",
+        "default": yaml.safe_load(default.group(1)),
+        "choices": sorted(set(re.findall(r"'(\w+)' in restore_targets", text))),
+    }
 
 
 def _restore_confirm() -> dict[str, Any]:
@@ -152,7 +166,7 @@ def _restore_confirm() -> dict[str, Any]:
 
 # Inputs documented in a playbook header but not in any argument_specs: their spec is read from the code
 # that consumes them, so a change there fails here.
-EXTRA_VAR_SPECS = {
+EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
     "release_version": _release_version,
     "rollback_to": lambda: {"type": "str", "choices": _rollout_color_names()},
     "restore_targets": _restore_targets,
@@ -169,7 +183,8 @@ def declared_spec(playbook_rel: str, variable: str) -> dict[str, Any]:
         return options[variable]
     assert variable in documented_extra_vars(playbook), (
         f"{variable} is neither an argument_specs option of a role {playbook_rel} calls nor an extra var "
-        f"its header documents ({sorted(documented_extra_vars(playbook))})")
+        f"its header documents ({sorted(documented_extra_vars(playbook))})"
+    )
     assert variable in EXTRA_VAR_SPECS, f"no spec is derived for the documented extra var {variable}"
     return EXTRA_VAR_SPECS[variable]()
 
@@ -238,8 +253,12 @@ def test_survey_variable_is_a_declared_input(template: str, question: dict[str, 
     assert question.get("question"), f"{template}: {question['variable']} has no question"
     # A workflow's answers reach every node; each input must be declared by at least one of them.
     candidates = playbooks_fed_by(template)
-    declaring = [p for p in candidates if question["variable"] in argument_spec_options(REPO / p)
-                 or question["variable"] in documented_extra_vars(REPO / p)]
+    declaring = [
+        p
+        for p in candidates
+        if question["variable"] in argument_spec_options(REPO / p)
+        or question["variable"] in documented_extra_vars(REPO / p)
+    ]
     assert declaring, f"{template}: {question['variable']} is declared by none of {candidates}"
     for playbook in declaring:
         spec = declared_spec(playbook, question["variable"])
@@ -285,7 +304,13 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTROLLER_", "GM_AWX_"))}
     proc = subprocess.run(
         [str(VENV_BIN / "ansible-playbook"), str(APPLY), "-e", f"awx_render_dir={out}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
 
@@ -378,11 +403,19 @@ def test_only_release_managers_launch_a_rollout() -> None:
         if template["playbook"] in {"playbooks/rollout.yml", "site.yml", "playbooks/k8s.yml"}:
             assert template["execute"] == ["release-managers"], name
     for name, workflow in WORKFLOWS.items():
-        if any(TEMPLATES[n["template"]]["playbook"] == "playbooks/rollout.yml"
-               for n in workflow["nodes"] if "template" in n):
+        if any(
+            TEMPLATES[n["template"]]["playbook"] == "playbooks/rollout.yml"
+            for n in workflow["nodes"]
+            if "template" in n
+        ):
             assert workflow["execute"] == ["release-managers"] and workflow["approve"] == ["release-managers"], name
-    runbooks = {"playbooks/rollback.yml", "playbooks/switch_back.yml", "playbooks/backup.yml",
-                "playbooks/drift_check.yml", "playbooks/restore.yml"}
+    runbooks = {
+        "playbooks/rollback.yml",
+        "playbooks/switch_back.yml",
+        "playbooks/backup.yml",
+        "playbooks/drift_check.yml",
+        "playbooks/restore.yml",
+    }
     for name, template in TEMPLATES.items():
         if template["playbook"] in runbooks:
             assert "operators" in template["execute"], name
@@ -396,7 +429,8 @@ def test_every_template_notifies_on_failure() -> None:
 
 RRULE = re.compile(
     r"DTSTART;TZID=(?P<tz>[A-Za-z_]+/[A-Za-z_]+):(?P<start>\d{8}T\d{6}) "
-    r"RRULE:FREQ=(?:DAILY|WEEKLY)(?:;INTERVAL=\d+)?(?:;BYDAY=(?:MO|TU|WE|TH|FR|SA|SU)(?:,(?:MO|TU|WE|TH|FR|SA|SU))*)?")
+    r"RRULE:FREQ=(?:DAILY|WEEKLY)(?:;INTERVAL=\d+)?(?:;BYDAY=(?:MO|TU|WE|TH|FR|SA|SU)(?:,(?:MO|TU|WE|TH|FR|SA|SU))*)?"
+)
 
 
 def occurrences(rule: str, after: datetime, count: int) -> list[datetime]:
@@ -431,26 +465,38 @@ def test_backups_run_after_the_close_on_exchange_days() -> None:
 
 
 def test_drift_check_runs_daily() -> None:
-    (drift,) = (s for s in DEFS["awx_schedules"]
-                if TEMPLATES[s["template"]]["playbook"] == "playbooks/drift_check.yml")
+    (drift,) = (s for s in DEFS["awx_schedules"] if TEMPLATES[s["template"]]["playbook"] == "playbooks/drift_check.yml")
     local = [r.astimezone(EXCHANGE_TZ) for r in occurrences(drift["rrule"], datetime(2027, 3, 8, tzinfo=UTC), 14)]
     assert {t.weekday() for t in local} == set(range(7))
-    assert all((b - a).days in {0, 1} and b.date() > a.date() for a, b in zip(local, local[1:], strict=False))
+    assert all((b - a).days in {0, 1} and b.date() > a.date() for a, b in itertools.pairwise(local))
 
 
 # --- the apply playbook ------------------------------------------------------------------------------------
 
 
 def test_apply_playbook_passes_syntax_check() -> None:
-    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "--syntax-check", str(APPLY)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), "--syntax-check", str(APPLY)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_apply_refuses_without_a_controller_and_names_what_is_missing() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTROLLER_", "GM_AWX_"))}
-    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), str(APPLY), "--check"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), str(APPLY), "--check"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "controller host" in out and "project SCM URL" in out and "failure webhook URL" in out, out[-2000:]
