@@ -41,10 +41,6 @@ KNOWN_FAILING = {
     ("model_service", "model_service_preflight"), ("model_service", "model_service_install"),
     ("model_service", "model_service_artifacts"), ("model_service", "model_service_configure"),
     ("model_service", "model_service_service"),
-    # include_tasks with apply: the tag reaches the tasks when they run, but --list-tasks (and a reader of
-    # main.yml) cannot see them; import_tasks would list them (its `when` works on an import too).
-    ("k8s_workloads", "k8s_workloads_preflight"), ("k8s_workloads", "k8s_workloads_configure"),
-    ("k8s_workloads", "k8s_workloads_service"),
 }
 INCLUDES = {"include_tasks", "ansible.builtin.include_tasks", "import_tasks", "ansible.builtin.import_tasks"}
 ROLE_INCLUDES = {"include_role", "ansible.builtin.include_role", "import_role", "ansible.builtin.import_role"}
