@@ -501,3 +501,45 @@ def test_apply_refuses_without_a_controller_and_names_what_is_missing() -> None:
     assert proc.returncode != 0
     assert "controller host" in out and "project SCM URL" in out and "failure webhook URL" in out, out[-2000:]
     assert "Ensure the organization exists" not in out, "nothing may be sent to a controller"
+
+
+def awx_tasks() -> list[tuple[str, str, dict[str, Any]]]:
+    (play,) = yaml.safe_load(APPLY.read_text())
+
+    def walk(tasks: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+        found = []
+        for task in tasks:
+            found += walk(task.get("block", []))
+            for key, args in task.items():
+                if key.startswith("awx.awx."):
+                    found.append((task["name"], key, args))
+        return found
+
+    return walk(play["tasks"])
+
+
+def test_apply_playbook_passes_only_parameters_the_awx_modules_take() -> None:
+    """What syntax-check cannot see: a misspelt parameter or choice fails only on a controller."""
+    tasks = awx_tasks()
+    modules = sorted({module for _, module, _ in tasks})
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-doc"), "--json", *modules],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    docs = {name: doc["doc"]["options"] for name, doc in json.loads(proc.stdout).items()}
+    assert set(docs) == set(modules)
+    (play,) = yaml.safe_load(APPLY.read_text())
+    for module, options in docs.items():
+        assert set(play["module_defaults"]["group/awx.awx.controller"]) <= set(options), module
+    for name, module, args in tasks:
+        options = docs[module]
+        assert set(args) <= set(options), f"{name}: {module} has no {set(args) - set(options)}"
+        for key, value in args.items():
+            if isinstance(value, str) and "{{" not in value and options[key].get("choices"):
+                assert value in options[key]["choices"], f"{name}: {key}={value!r}"
+    roles = {args["role"] for _, module, args in tasks if module == "awx.awx.role"}
+    assert roles == {"execute", "approval", "use"}
