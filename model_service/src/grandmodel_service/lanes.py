@@ -54,7 +54,26 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
-def _worker_init(specs: list[ModelSpec], nice: int, torch_threads: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """The server was killed outright (SIGKILL, OOM): do not outlive it as an orphan."""
+    while os.getppid() == parent:
+        threading.Event().wait(1.0)
+    os._exit(0)
+
+
+def _worker_init(
+    specs: list[ModelSpec], nice: int, torch_threads: int, sched_idle: bool = False
+) -> None:
+    threading.Thread(
+        target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch"
+    ).start()
+    # Every thread of the worker, also those started while it was being imported; threads
+    # started later inherit both settings.
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, int(task), nice)
+            if sched_idle:
+                os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
     _lower_priority(nice)
     import torch
 
@@ -86,7 +105,9 @@ class McLane:
         retry_after_s: int,
         nice: int,
         torch_threads: int = 1,
+        sched_idle: bool = False,
     ) -> None:
+        self.sched_idle = sched_idle
         self.concurrency = concurrency
         self.queue_limit = queue_limit
         self.retry_after_s = retry_after_s
@@ -127,7 +148,7 @@ class McLane:
             self.concurrency,
             mp_context=multiprocessing.get_context("spawn"),  # never fork a threaded process
             initializer=_worker_init,
-            initargs=(self._specs, self.nice, self.torch_threads),
+            initargs=(self._specs, self.nice, self.torch_threads, self.sched_idle),
         )
 
     async def run_mc(self, model: LoadedModel, inputs: np.ndarray, passes: int) -> BatchOutput:

@@ -167,6 +167,7 @@ class Runtime:
             retry_after_s=settings.mc_retry_after_s,
             nice=settings.mc_nice,
             torch_threads=settings.torch_threads,
+            sched_idle=settings.mc_sched_idle,
         )
         for slot in self.slots.values():
             await slot.load(self)

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     mc_queue_limit: int = Field(4, ge=0, le=1024, description="MC requests waiting; then 429")
     mc_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 429")
     mc_nice: int = Field(10, ge=0, le=19, description="CPU nice value of the MC worker")
+    mc_sched_idle: bool = Field(
+        True, description="MC worker under SCHED_IDLE: it runs only when the core is otherwise idle"
+    )
     mc_process: bool = Field(
         True, description="Run MC in worker process(es) (no GIL shared with the event loop)"
     )
