@@ -22,7 +22,7 @@ lint: setup
 	@$(PY) scripts/run_checks.py --only collections --only yamllint --only ansible-lint --only ruff --only mypy
 
 bench: setup
-	@$(PY) -m grandmodel_service.bench
+	@$(PY) model_service/bench/bench.py
 
 bench-release: setup
 	@$(PY) scripts/bench_rollout.py

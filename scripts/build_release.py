@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -39,8 +40,10 @@ def log(msg: str) -> None:
 def service_digest() -> str:
     h = hashlib.sha256()
     for path in sorted((REPO / "model_service").rglob("*")):
-        if path.is_file() and "/tests/" not in str(path) and ".egg-info" not in str(path) \
-                and "__pycache__" not in str(path) and path.suffix in (".py", ".toml", ".typed", ".md"):
+        rel = path.relative_to(REPO / "model_service").as_posix()
+        if path.is_file() and not rel.startswith(("tests/", "bench/", "build/")) \
+                and ".egg-info" not in rel and "__pycache__" not in rel \
+                and path.suffix in (".py", ".toml", ".typed", ".md"):
             h.update(path.relative_to(REPO).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -58,6 +61,8 @@ def build_wheelhouse() -> Path:
     for old in WHEELHOUSE.glob("grandmodel_service-*.whl"):
         old.unlink()
     log("building the offline wheelhouse (service + dependencies, torch CPU)")
+    # setuptools reuses model_service/build/: files moved or deleted since would ship again.
+    shutil.rmtree(REPO / "model_service" / "build", ignore_errors=True)
     started = time.monotonic()
     proc = subprocess.Popen([str(VENV_BIN / "pip"), "wheel", "--quiet", "--disable-pip-version-check",
                              "--wheel-dir", str(WHEELHOUSE), str(REPO / "model_service")])
