@@ -469,8 +469,9 @@ def test_a_switch_interrupted_while_verifying_restores(host):
 
 def test_two_switches_at_once_never_interleave(host):
     def concurrent() -> tuple[tuple[int, dict[str, Any]], tuple[int, dict[str, Any]]]:
-        # The first holds the lock through a verification of 300 answers (15 s or more) while the second starts.
-        first = module(LB, "traffic_switch", switch_args("green", verify_consecutive=300, verify_interval=0.05))
+        # The first holds the lock through a verification of 150 answers (8 s or more) while the second starts.
+        first = module(LB, "traffic_switch", switch_args("green", verify_consecutive=150, verify_interval=0.05,
+                                                         verify_timeout=60))
         deadline = time.monotonic() + 120
         while not lb_file(JOURNAL).exists():
             assert time.monotonic() < deadline and first.poll() is None, "the first switch never started"
