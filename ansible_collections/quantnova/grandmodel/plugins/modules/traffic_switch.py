@@ -34,7 +34,17 @@ description:
   - After a verified switch a small JSON record C({active, previous, backup, switched_at}) is written to
     O(state_file), and with O(metrics_file) the live and backup colour are exported for node_exporter's textfile
     collector (also after a restore, and when the file is missing or stale even if the upstream needs no change).
-  - Haproxy and Kubernetes backends are planned; the choice exists so playbooks name the backend today.
+  - With O(backend=kubernetes) the colour is the label O(color_label) in the selector of the live Service
+    O(namespace)/O(service). A switch first requires at least O(min_ready) ready pods of the new colour behind that
+    colour's own Service (O(color_service)), then patches the selector and a record (annotations
+    C(grandmodel.quantnova.io/active-color), C(previous-color), C(switched-at)) in one JSON merge patch guarded by
+    the Service's resourceVersion (a concurrent change is refused, never overwritten), then watches the live
+    Service's EndpointSlices until they list only the new colour's pods, at least O(min_ready) ready, for
+    O(verify_consecutive) polls (and O(verify_url) if given). On failure the selector and record are patched back.
+    An in-flight annotation set with the selector lets the next run undo a switch whose run was killed.
+  - The kubernetes backend needs the C(kubernetes) Python library where the module runs (usually the controller,
+    C(delegate_to) the controller), and a kubeconfig, O(host) with O(api_key), or an in-cluster service account.
+    O(backup_color) does not apply to it (the old colour stays warm as its own Deployment).
 author:
   - GrandModel Ops (@quantnova)
 attributes:
@@ -52,7 +62,7 @@ options:
   backend:
     description: How the front door is steered.
     type: str
-    choices: [nginx]
+    choices: [nginx, kubernetes]
     default: nginx
   state:
     description:
@@ -78,8 +88,8 @@ options:
     description:
       - The nginx upstream file that holds the live colour, for example C(/etc/nginx/conf.d/grandmodel_upstream.conf).
       - "Its first lines carry C(# active_color: <colour>), which is how the live colour is read back."
+      - Required with O(backend=nginx).
     type: path
-    required: true
   upstream_name:
     description: Name of the nginx C(upstream) block, referenced by C(proxy_pass http://<name>) in the site.
     type: str
@@ -87,7 +97,7 @@ options:
   backends:
     description:
       - Addresses (C(host:port)) of each colour's service processes, keyed by colour.
-      - Required with O(state=active); the entry for O(color) must list at least one address.
+      - Required with O(backend=nginx) and O(state=active); the entry for O(color) must list at least one address.
     type: dict
   keepalive:
     description: Idle keepalive connections nginx keeps to the upstream; V(0) leaves the directive out.
@@ -144,6 +154,50 @@ options:
     description: Seconds each O(precheck_path) request may take (above 0).
     type: float
     default: 2.0
+  namespace:
+    description: With O(backend=kubernetes), the namespace of the live Service.
+    type: str
+    default: grandmodel
+  service:
+    description: With O(backend=kubernetes), the live Service whose selector names the colour.
+    type: str
+    default: grandmodel
+  color_label:
+    description: With O(backend=kubernetes), the selector label that names the colour.
+    type: str
+    default: grandmodel.quantnova.io/color
+  color_service:
+    description:
+      - With O(backend=kubernetes), the name pattern of each colour's own Service (C({service}), C({color})); its
+        ready endpoints are checked before the switch. Empty checks the new colour's pods instead.
+    type: str
+    default: "{service}-{color}"
+  min_ready:
+    description: With O(backend=kubernetes), ready pods of the new colour required before and after the switch.
+    type: int
+    default: 1
+  kubeconfig:
+    description: With O(backend=kubernetes), the kubeconfig file; default C($KUBECONFIG) or C(~/.kube/config).
+    type: path
+  context:
+    description: With O(backend=kubernetes), the kubeconfig context.
+    type: str
+  host:
+    description: With O(backend=kubernetes), the API server URL, used instead of a kubeconfig (with O(api_key)).
+    type: str
+  api_key:
+    description: With O(backend=kubernetes), the bearer token for O(host).
+    type: str
+  ca_cert:
+    description: With O(backend=kubernetes), the CA certificate of the API server.
+    type: path
+  validate_certs:
+    description: With O(backend=kubernetes), verify the API server's certificate (default from the kubeconfig).
+    type: bool
+  request_timeout:
+    description: With O(backend=kubernetes), seconds each API request may take (the client retries a GET 3 times).
+    type: float
+    default: 10.0
   lock_timeout:
     description:
       - Seconds to wait for another switch of the same upstream file to finish (0 or more); then the module fails
@@ -333,7 +387,7 @@ restore_verification:
   sample: {verified: true, expected_color: blue, requests: 3}
 """
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic import (
     COLORS,
     FrontDoorVerifier,
@@ -341,15 +395,21 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic impor
     TrafficSwitchError,
     switch_traffic,
 )
+from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic_k8s import (
+    HAS_KUBERNETES,
+    KUBERNETES_IMPORT_ERROR,
+    build_kubernetes_backend,
+    kubernetes_argument_spec,
+)
 
 
 def argument_spec():
     return dict(
-        backend=dict(type="str", choices=["nginx"], default="nginx"),
+        backend=dict(type="str", choices=["nginx", "kubernetes"], default="nginx"),
         state=dict(type="str", choices=["active", "previous", "query"], default="active"),
         color=dict(type="str", choices=list(COLORS)),
         backup_color=dict(type="str", choices=list(COLORS)),
-        upstream_file=dict(type="path", required=True),
+        upstream_file=dict(type="path"),
         upstream_name=dict(type="str", default="grandmodel_backend"),
         backends=dict(type="dict"),
         keepalive=dict(type="int", default=32),
@@ -368,6 +428,7 @@ def argument_spec():
         command_timeout=dict(type="float", default=60.0),
         metrics_file=dict(type="path"),
         state_file=dict(type="path"),
+        **kubernetes_argument_spec()
     )
 
 
@@ -378,6 +439,8 @@ def build_backend(params):
                                      consecutive=params["verify_consecutive"],
                                      validate_certs=params["verify_validate_certs"],
                                      interval=params["verify_interval"])
+    if params["backend"] == "kubernetes":
+        return build_kubernetes_backend(params, verifier=verifier)
     return NginxBackend(
         upstream_file=params["upstream_file"], upstream_name=params["upstream_name"],
         backends=params["backends"] or {}, keepalive=params["keepalive"],
@@ -391,13 +454,23 @@ def build_backend(params):
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True,
-                           required_if=[("state", "active", ("color", "backends")),
-                                        ("state", "previous", ("backends",))])
+                           required_if=[("state", "active", ("color",)), ("backend", "nginx", ("upstream_file",))])
     params = module.params
-    paths = dict(upstream_file=params["upstream_file"])
+    kubernetes = params["backend"] == "kubernetes"
+    if kubernetes and not HAS_KUBERNETES:
+        module.fail_json(msg=missing_required_lib("kubernetes"), exception=KUBERNETES_IMPORT_ERROR)
+    if not kubernetes and params["state"] != "query" and not params["backends"]:
+        module.fail_json(msg="backend nginx needs backends (the addresses of each colour) with state=%s"
+                             % params["state"])
+    if kubernetes and params["metrics_file"]:
+        module.fail_json(msg="metrics_file is for the nginx backend; with backend kubernetes the live colour is the "
+                             "Service selector (kube-state-metrics exports it)")
+    paths = dict(service="%s/%s" % (params["namespace"], params["service"])) if kubernetes else dict(
+        upstream_file=params["upstream_file"])
     try:
         backend = build_backend(params)
-        paths = dict(upstream_file=backend.upstream_file, state_file=backend.state.path)
+        if not kubernetes:
+            paths = dict(upstream_file=backend.upstream_file, state_file=backend.state.path)
         if params["state"] == "query":
             state = backend.read_state()
             module.exit_json(changed=False, active_color=state.active, previous_color=state.previous,
@@ -408,11 +481,13 @@ def main():
             color = state.previous
             if color not in COLORS:
                 raise TrafficSwitchError("cannot switch %s back: no previous colour is recorded in %s (live: %s); name "
-                                         "the colour with state=active" % (backend.upstream_file, backend.state.path,
-                                                                           state.active))
+                                         "the colour with state=active" % (
+                                             getattr(backend, "target", None) or backend.upstream_file,
+                                             "its annotations" if kubernetes else backend.state.path, state.active))
         if params["backup_color"] and params["backup_color"] == color:
             raise TrafficSwitchError("cannot switch %s to %s with backup_color %s: a colour cannot back up itself"
-                                     % (backend.upstream_file, color, params["backup_color"]))
+                                     % (getattr(backend, "target", None) or backend.upstream_file, color,
+                                        params["backup_color"]))
         result = switch_traffic(backend, color, check_mode=module.check_mode, want_diff=module._diff,
                                 backup_color=params["backup_color"])
     except TrafficSwitchError as exc:
