@@ -22,7 +22,8 @@ Deployed in $(( $(date +%s) - started ))s. Next:
   curl -s http://127.0.0.1:18080/version             the inference service through the nginx front door
   curl -sk https://127.0.0.1:18443/version           the same over TLS (self-signed)
   ansible-playbook playbooks/rollout.yml -e release_version=2026.11.1   a blue-green release
-  ansible-playbook playbooks/rollback.yml            back to the warm colour
+  ansible-playbook playbooks/switch_back.yml         traffic back to the warm colour in seconds
+  ansible-playbook playbooks/rollback.yml            the same, then the record (and starts the colour if needed)
   podman exec -it gm-sbx-app1 bash                  a shell on a sandbox host
   ansible all -i $inventory -m ansible.builtin.ping  reach every host
   ansible-playbook site.yml -i $inventory --check --diff   nothing should change
