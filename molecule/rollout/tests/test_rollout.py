@@ -357,10 +357,13 @@ POST = {"start": PRE_COUNT + 1, "middle": PRE_COUNT + (POST_COUNT + 1) // 2, "en
 # case: (trigger, action, expected outcome in the record, extra playbook arguments)
 # A killed colour is restarted by systemd (Restart=on-failure) and is ready again some 10 s later; the
 # switch's verification waits 5 s in that case so the restarted colour cannot win the race.
-MATRIX: dict[str, tuple[Callable[[], bool], Callable[[], Any], str, tuple[str, ...]]] = {
+MATRIX: dict[str, tuple[Callable[[], bool], Callable[[], Any], str | tuple[str, ...], tuple[str, ...]]] = {
     "pre_gate_kill9_start": (at_measurement(PRE["start"]), kill_green, "aborted_pre_promotion", ()),
     "pre_gate_kill9_middle": (at_measurement(PRE["middle"]), kill_green, "aborted_pre_promotion", ()),
-    "pre_gate_kill9_end": (at_measurement(PRE["end"]), kill_green, "aborted_pre_promotion", ()),
+    # The last moment of the gate: the kill may land just before the last measurement ends (the gate
+    # fails) or just after it passed, where the switch's readiness pre-check must refuse the dead
+    # colour. Either way it is never promoted; which guard catches it is a matter of milliseconds.
+    "pre_gate_kill9_end": (at_measurement(PRE["end"]), kill_green, ("aborted_pre_promotion", "aborted_switch"), ()),
     "kill9_while_switching": (when_switch_in_flight, kill_green, "aborted_switch",
                               ("-e", "rollout_switch_verify_timeout=5")),
     "post_gate_kill9_start": (at_measurement(POST["start"]), kill_green, "rolled_back_post_promotion", ()),
@@ -396,7 +399,8 @@ def test_fault_matrix(host, case):
     assert saboteur.fired_at is not None, f"the fault never fired: {proc.stdout[-3000:]}"
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert ended == "blue"
-    assert [r["outcome"] for r in new] == [outcome], (new, proc.stdout[-3000:])
+    allowed = (outcome,) if isinstance(outcome, str) else outcome
+    assert len(new) == 1 and new[0]["outcome"] in allowed, (new, proc.stdout[-3000:])
     assert_no_failed_request(summary)
     assert summary["color_sequence"][-1] == "blue", summary
     # The live colour's metric says blue again; no switch was left in flight.
@@ -498,7 +502,8 @@ def test_switch_back_to_a_stopped_colour_is_refused_and_restored(host):
     summary = summarise("switch_back_to_stopped_colour", report, elapsed, ended=front_color(),
                         outcome="playbook failed" if proc.returncode else "switched")
     assert proc.returncode != 0
-    output = " ".join(proc.stdout.split())
+    # A failed task's message goes to stderr or stdout depending on the callback's settings.
+    output = " ".join((proc.stdout + proc.stderr).split())
     assert "refusing to switch" in output and "not every server of green is ready" in output, output[-2000:]
     assert "which starts it first" in output
     assert front_color() == "blue"
