@@ -4,10 +4,15 @@ No API server binary can be had on these machines. This one serves what kubernet
 asks for: /version, API discovery (/api, /apis, each group version's resource list), GET and LIST of
 objects (labelSelector), and server-side apply (PATCH application/apply-patch+yaml, honouring
 dryRun=All and fieldManager, refusing a changed field owned by another manager with 409 unless force),
-plus JSON merge patch (with the resourceVersion precondition). Controllers are settled at once:
+plus JSON merge patch (with the resourceVersion precondition). As in server-side apply, a field a manager
+applied before and leaves out of its next apply is released, and removed when nobody else owns it
+(how a scale-down's `spec.replicas` is handed back). Controllers are settled at once:
 a Deployment reports every replica ready and has that many ready Pods, and every Service with a
 selector has an EndpointSlice listing the Pods it selects, so the traffic switch's kubernetes
-backend can run against the objects the role created.
+backend can run against the objects the role created. The service proxy
+(/api/v1/namespaces/<ns>/services/<name>[:port]/proxy/<path>) forwards to a pod of the Service: to the
+URL registered in `upstreams` for the Deployment that owns it (a stand-in for the pod's container),
+requiring `Bearer <proxy_token>` when that is set; no ready pod answers 503 as kube-apiserver does.
 
 It is not kube-apiserver: no admission, defaulting, validation or RBAC (kubernetes-validate covers the
 schemas; the rest is listed as unverified in docs/kubernetes.md).
@@ -17,8 +22,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,6 +46,7 @@ RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
     "autoscaling/v2": [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
     "discovery.k8s.io/v1": [("endpointslices", "EndpointSlice", True)],
 }
+PROXY_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/services/(?P<name>[^/]+)/proxy(?:/|$)")
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
@@ -76,6 +85,25 @@ def get_path(obj: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
+KEPT = {("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "namespace")}
+
+
+def remove_path(obj: Any, path: tuple[str, ...]) -> Any:
+    """A copy of obj without the field at path (emptied parents are dropped too)."""
+    if not path or not isinstance(obj, dict) or path[0] not in obj:
+        return obj
+    out = dict(obj)
+    if len(path) == 1:
+        del out[path[0]]
+        return out
+    inner = remove_path(out[path[0]], path[1:])
+    if inner:
+        out[path[0]] = inner
+    else:
+        del out[path[0]]
+    return out
+
+
 def matches(labels: dict[str, str], selector: str) -> bool:
     for term in filter(None, (t.strip() for t in selector.split(","))):
         key, equals, value = term.partition("=")
@@ -95,6 +123,10 @@ class FakeCluster(ThreadingHTTPServer):
         self.owners: dict[tuple[str, str, str, str], dict[tuple[str, ...], str]] = {}
         self.requests: list[dict[str, Any]] = []
         self.rv = 1000
+        # Service proxy: Deployment name -> base URL standing in for its pods; bearer token required if set.
+        self.upstreams: dict[str, str] = {}
+        self.proxy_token: str | None = None
+        self._next_pod = 0
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
@@ -118,21 +150,36 @@ class FakeCluster(ThreadingHTTPServer):
     def get(self, gv: str, resource: str, ns: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((gv, resource, ns, name))
 
-    def derived(self, resource: str, ns: str) -> list[dict[str, Any]]:
-        """Pods of the Deployments and EndpointSlices of the Services, as settled controllers keep them."""
-        pods = []
+    def seed(self, obj: dict[str, Any], manager: str) -> dict[str, Any]:
+        """Store an object as if `manager` had applied it (a cluster state to start a test from)."""
+        gv = obj["apiVersion"]
+        resource = next(r for r, k, _ in RESOURCES[gv] if k == obj["kind"])
+        key = (gv, resource, obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+        with self.lock:
+            self.requests.append({"method": "SEED", "path": "/".join(key)})
+            self.owners[key] = {path: manager for path in leaves(obj)}
+            return self.store(key, copy.deepcopy(obj))
+
+    def pods_of_deployments(self, ns: str) -> list[tuple[str, dict[str, Any]]]:
+        """(Deployment name, Pod) of every pod the settled Deployments of `ns` run."""
+        pods: list[tuple[str, dict[str, Any]]] = []
         for (gv, res, namespace, name), obj in sorted(self.objects.items()):
             if (gv, res) != ("apps/v1", "deployments") or namespace != ns:
                 continue
             template = obj["spec"]["template"]
             for index in range(obj["spec"].get("replicas", 1)):
                 pod_name = f"{name}-7d9f8c6b5-{index}"
-                pods.append({"apiVersion": "v1", "kind": "Pod",
-                             "metadata": {"name": pod_name, "namespace": ns, "uid": f"uid-{pod_name}",
-                                          "labels": template["metadata"]["labels"]},
-                             "spec": {"nodeName": f"k8s-worker-{index + 1}"},
-                             "status": {"phase": "Running", "podIP": f"10.244.{index + 1}.{len(pods) + 10}",
-                                        "conditions": [{"type": "Ready", "status": "True"}]}})
+                pods.append((name, {"apiVersion": "v1", "kind": "Pod",
+                                    "metadata": {"name": pod_name, "namespace": ns, "uid": f"uid-{pod_name}",
+                                                 "labels": template["metadata"]["labels"]},
+                                    "spec": {"nodeName": f"k8s-worker-{index + 1}"},
+                                    "status": {"phase": "Running", "podIP": f"10.244.{index + 1}.{len(pods) + 10}",
+                                               "conditions": [{"type": "Ready", "status": "True"}]}}))
+        return pods
+
+    def derived(self, resource: str, ns: str) -> list[dict[str, Any]]:
+        """Pods of the Deployments and EndpointSlices of the Services, as settled controllers keep them."""
+        pods = [pod for _owner, pod in self.pods_of_deployments(ns)]
         if resource == "pods":
             return pods
         slices = []
@@ -153,7 +200,28 @@ class FakeCluster(ThreadingHTTPServer):
         return slices
 
     def writes(self) -> list[dict[str, Any]]:
-        return [r for r in self.requests if r["method"] in ("PATCH", "POST", "PUT", "DELETE")]
+        """Requests that could change an object (service proxy requests go to the pods, not the store)."""
+        return [r for r in self.requests if r["method"] in ("PATCH", "POST", "PUT", "DELETE") and not r.get("proxy")]
+
+    def proxy_target(self, ns: str, service: str, auth: str | None) -> tuple[int, Any]:
+        """-> (0, upstream base URL) of one ready pod behind the Service, or (status, Status body)."""
+        if self.proxy_token is not None and auth != f"Bearer {self.proxy_token}":
+            return 401, status(401, "Unauthorized", "Unauthorized")
+        svc = self.objects.get(("v1", "services", ns, service))
+        if svc is None:
+            return 404, status(404, "NotFound", f'services "{service}" not found')
+        selector = svc.get("spec", {}).get("selector") or {}
+        wanted = ",".join(f"{k}={v}" for k, v in selector.items())
+        owners = [owner for owner, pod in self.pods_of_deployments(ns)
+                  if selector and matches(pod["metadata"]["labels"], wanted)]
+        if not owners:
+            return 503, status(503, "ServiceUnavailable", f'no endpoints available for service "{service}"')
+        self._next_pod += 1
+        owner = owners[self._next_pod % len(owners)]
+        if owner not in self.upstreams:
+            return 503, status(503, "ServiceUnavailable", f"error trying to reach service: dial tcp pod of {owner}: "
+                                                         "connect: connection refused")
+        return 0, self.upstreams[owner]
 
     def store(self, key: tuple[str, str, str, str], obj: dict[str, Any]) -> dict[str, Any]:
         self.rv += 1
@@ -237,12 +305,48 @@ class _Handler(BaseHTTPRequestHandler):
             return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
         return None
 
+    def _proxy(self, method: str, raw: bytes, ns: str, name: str) -> None:
+        """The API server's service proxy: forward to one pod of the Service, answer what it answered."""
+        server = self.server
+        url = urlparse(self.path)
+        service = name.split(":", maxsplit=1)[0]
+        rest = url.path.split(f"/services/{name}/proxy", 1)[1] or "/"
+        with server.lock:
+            server.requests.append({"method": method, "path": self.path, "proxy": True,
+                                    "authorization": self.headers.get("Authorization")})
+            code, target = server.proxy_target(ns, service, self.headers.get("Authorization"))
+        if code:
+            return self._send(code, target)
+        forward = urllib.request.Request(target.rstrip("/") + rest + (f"?{url.query}" if url.query else ""),
+                                         data=raw if method in ("POST", "PUT", "PATCH") else None, method=method,
+                                         headers={"Content-Type": self.headers.get("Content-Type") or "text/plain"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(forward, timeout=10) as answer:
+                code, body, kind = answer.status, answer.read(), answer.headers.get("Content-Type")
+        except urllib.error.HTTPError as exc:
+            code, body, kind = exc.code, exc.read(), exc.headers.get("Content-Type")
+        except OSError as exc:
+            return self._send(503, status(503, "ServiceUnavailable", f"error trying to reach service: {exc}"))
+        self.send_response(code)
+        self.send_header("Content-Type", kind or "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        return None
+
     def _handle(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         url = urlparse(self.path)
         query = parse_qs(url.query)
         server = self.server
+        proxied = PROXY_PATH.match(url.path)
+        if proxied:
+            return self._proxy(method, raw, proxied["ns"], proxied["name"])
         with server.lock:
             record = {"method": method, "path": self.path, "content_type": self.headers.get("Content-Type"),
                       "dry_run": query.get("dryRun", [None])[0], "authorization": self.headers.get("Authorization")}
@@ -303,12 +407,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(409, status(409, "Conflict", f"Apply failed with {len(conflicts)} conflict(s): "
                                                                + "; ".join(conflicts)))
             result = merge(current or {}, applied)
-            for path in leaves(applied):
+            applied_paths = leaves(applied)
+            for path, owner in list(owners.items()):
+                # Applied before by this manager, left out now: released, and removed as nobody else owns it.
+                if owner == manager and path not in applied_paths and path not in KEPT:
+                    del owners[path]
+                    result = remove_path(result, path)
+            for path in applied_paths:
                 owners[path] = manager
             if dry_run:
                 return self._send(200 if current else 201, merge(result, {"metadata": {
                     "resourceVersion": (current or {}).get("metadata", {}).get("resourceVersion", "0")}}))
-            if current is not None and merge(current, applied) == current:
+            if current is not None and result == current:
                 return self._send(200, current)  # no change: same resourceVersion
             server.owners[key] = owners
             return self._send(200 if current else 201, server.store(key, result))
