@@ -6,11 +6,13 @@ EndpointSlices, and the service proxy). The colours' pods are played by a small 
 answers /health, /ready, /version and /v1/models/<name>/predict as the inference service does, from the
 Deployment the release applied (its colour and release labels), and can be made to answer badly.
 
-One cluster, one scenario, one ansible-playbook run per case: check mode writes nothing; a release onto the live
-colour is refused before any write; a release whose idle colour answers wrong golden predictions is refused
-with the selector untouched and the colour scaled to zero; a good release (to that same colour: the replica
-count is handed back) switches the selector and records success; a release that fails on live traffic is
-switched back, and its colour scaled to zero. The records on the controller are read back each time.
+Three clusters, one scenario each, one ansible-playbook run per case. A: check mode writes nothing; a release
+whose idle colour answers wrong golden predictions is refused with the selector untouched and the colour scaled
+to zero; a good release (to that same colour: the replica count is handed back) switches the selector and
+records success. B: a release without manifests, and releases onto the live colour, are refused before any
+write; a release that fails on live traffic is switched back and its colour scaled to zero. C: a switch that
+refuses (too few ready pods) patches nothing and the colour is scaled to zero. The records on the controller
+are read back each time.
 """
 
 from __future__ import annotations
@@ -159,9 +161,9 @@ def world(root: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def worlds(tmp_path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    made = [world(tmp_path / name) for name in ("a", "b")]
-    yield made[0], made[1]
+def worlds(tmp_path: Path) -> Iterator[tuple[dict[str, Any], ...]]:
+    made = [world(tmp_path / name) for name in ("a", "b", "c")]
+    yield tuple(made)
     for env in made:
         env["pods"].shutdown()
         env["pods"].server_close()
@@ -265,7 +267,10 @@ def refuse_live_and_roll_back(env: dict[str, Any]) -> None:
     cluster: FakeCluster = env["cluster"]
     pods: Pods = env["pods"]
 
-    # 4. A release onto the live colour is refused before any write, dry run or probe (either way of asking).
+    # 4. Bad input is refused before anything is read or written: a release whose manifests were never built;
+    #    a release onto the live colour (either way of asking) is refused before any write, dry run or probe.
+    rc, out = release(env, "2026.12.0")
+    assert rc != 0 and "missing on the controller" in out and "2026.12.0/strategic.manifest.json" in out
     rc, out = release(env, "2026.11.2", "-e", "rollout_k8s_to_color=blue")
     assert rc != 0 and "refusing release 2026.11.2: the live Service grandmodel/grandmodel selects blue" in out
     rc, out = release(env, "2026.11.2", "-e", "k8s_workloads_deploy_color=blue")
@@ -290,9 +295,23 @@ def refuse_live_and_roll_back(env: dict[str, Any]) -> None:
     assert "health" in back["evidence"]["post_promotion"] or "ready" in back["evidence"]["post_promotion"]
 
 
-def test_the_kubernetes_release_flow(worlds: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    """Both clusters at once (each scenario is sequential): the runs mostly wait on ansible-playbook."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(check_refuse_and_release, worlds[0]), pool.submit(refuse_live_and_roll_back, worlds[1])]
+def switch_refused(env: dict[str, Any]) -> None:
+    """Cluster C: the switch itself refuses (too few ready pods of the new colour): nothing patched, scaled down."""
+    cluster: FakeCluster = env["cluster"]
+    rc, out = release(env, "2026.11.2", "-e", "rollout_k8s_min_ready=3")
+    assert rc != 0 and "stopped at the switch to green" in out, out[-4000:]
+    assert "stays on blue (2026.11.1); green: scaled to 0 replicas" in out
+    assert not [r for r in cluster.requests if r["method"] == "PATCH" and "/services/grandmodel?" in r["path"]]
+    assert live_color(cluster) == "blue" and deployment(cluster, "green")["spec"]["replicas"] == 0
+    (record,) = records(env)
+    assert record["outcome"] == "aborted_switch" and "3 needed" in record["evidence"]["switch"]
+    assert record["evidence"]["pre_promotion"]["verdict"] == "passed"
+
+
+def test_the_kubernetes_release_flow(worlds: tuple[dict[str, Any], ...]) -> None:
+    """The three clusters at once (each scenario is sequential): the runs mostly wait on ansible-playbook."""
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(check_refuse_and_release, worlds[0]), pool.submit(refuse_live_and_roll_back, worlds[1]),
+                   pool.submit(switch_refused, worlds[2])]
         for future in futures:
             future.result()
