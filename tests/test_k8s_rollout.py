@@ -9,10 +9,10 @@ Deployment the release applied (its colour and release labels), and can be made 
 Three clusters, one scenario each, one ansible-playbook run per case. A: check mode writes nothing; a release
 whose idle colour answers wrong golden predictions is refused with the selector untouched and the colour scaled
 to zero; a good release (to that same colour: the replica count is handed back) switches the selector and
-records success. B: a release without manifests, and releases onto the live colour, are refused before any
+records success. B: a release without manifests, and a release onto the live colour, are refused before any
 write; a release that fails on live traffic is switched back and its colour scaled to zero. C: a switch that
-refuses (too few ready pods) patches nothing and the colour is scaled to zero. The records on the controller
-are read back each time.
+refuses (too few ready pods) patches nothing and the colour is scaled to zero; the live release again changes
+nothing. The records on the controller are read back each time.
 """
 
 from __future__ import annotations
@@ -268,13 +268,11 @@ def refuse_live_and_roll_back(env: dict[str, Any]) -> None:
     pods: Pods = env["pods"]
 
     # 4. Bad input is refused before anything is read or written: a release whose manifests were never built;
-    #    a release onto the live colour (either way of asking) is refused before any write, dry run or probe.
+    #    a release onto the live colour is refused before any write, dry run or probe.
     rc, out = release(env, "2026.12.0")
     assert rc != 0 and "missing on the controller" in out and "2026.12.0/strategic.manifest.json" in out
     rc, out = release(env, "2026.11.2", "-e", "rollout_k8s_to_color=blue")
     assert rc != 0 and "refusing release 2026.11.2: the live Service grandmodel/grandmodel selects blue" in out
-    rc, out = release(env, "2026.11.2", "-e", "k8s_workloads_deploy_color=blue")
-    assert rc != 0 and "would go to blue" in out and "Nothing was written" in out
     assert [r for r in cluster.requests if r["method"] not in ("GET", "SEED")] == []
     assert not env["records"].exists()
 
@@ -298,6 +296,8 @@ def refuse_live_and_roll_back(env: dict[str, Any]) -> None:
 def switch_refused(env: dict[str, Any]) -> None:
     """Cluster C: the switch itself refuses (too few ready pods of the new colour): nothing patched, scaled down."""
     cluster: FakeCluster = env["cluster"]
+
+    # 6. The switch refuses before patching: the live Service is never touched, green is scaled to zero.
     rc, out = release(env, "2026.11.2", "-e", "rollout_k8s_min_ready=3")
     assert rc != 0 and "stopped at the switch to green" in out, out[-4000:]
     assert "stays on blue (2026.11.1); green: scaled to 0 replicas" in out
@@ -306,6 +306,12 @@ def switch_refused(env: dict[str, Any]) -> None:
     (record,) = records(env)
     assert record["outcome"] == "aborted_switch" and "3 needed" in record["evidence"]["switch"]
     assert record["evidence"]["pre_promotion"]["verdict"] == "passed"
+
+    # 7. The live release again: nothing to do, nothing written, no record (a second run changes nothing).
+    since = len(cluster.requests)
+    rc, out = release(env, "2026.11.1")
+    assert rc == 0 and "release 2026.11.1 is already live on blue: nothing to do" in out, out[-4000:]
+    assert [r for r in cluster.requests[since:] if r["method"] != "GET"] == [] and len(records(env)) == 1
 
 
 def test_the_kubernetes_release_flow(worlds: tuple[dict[str, Any], ...]) -> None:
