@@ -29,6 +29,7 @@ from pathlib import Path
 
 PREDICT_PATH = "/v1/models/strategic/predict"
 DEFAULT_COLOR_PORTS = {8001: "blue", 8002: "green"}
+RELOAD_SETTLE_S = 1.0
 
 
 def sample_body(bars: int = 48, features: int = 13) -> bytes:
@@ -65,13 +66,34 @@ class Report:
     def failed(self) -> list[Request]:
         return [r for r in self.requests if not r.ok]
 
-    def colors(self) -> list[str]:
-        """Colours in the order they served, collapsed: e.g. ['blue', 'green']."""
+    def colors(self, settle: float = 0.0) -> list[str]:
+        """Colours in the order they served (by request start), collapsed: e.g. ['blue', 'green'].
+
+        With settle > 0, an answer from the previous colour to a request that started at most `settle`
+        seconds after the first answer of the new colour is the overlap of an nginx graceful reload
+        (old workers finish requests already on their connections), not a switch back; it is counted
+        by overlap() instead. An old-colour answer later than that is a switch back and shows here.
+        """
+        return self._walk(settle)[0]
+
+    def overlap(self, settle: float) -> dict[str, float | int]:
+        """Old-colour answers within `settle` s after each switch: how many, and the latest (s after it)."""
+        late = self._walk(settle)[1]
+        return {"requests": len(late), "max_s": round(max(late), 3) if late else 0.0, "settle_s": settle}
+
+    def _walk(self, settle: float) -> tuple[list[str], list[float]]:
         seq: list[str] = []
+        switched_at = 0.0
+        late: list[float] = []
         for r in sorted(self.requests, key=lambda x: x.started):
-            if r.ok and (not seq or seq[-1] != r.color):
-                seq.append(r.color)
-        return seq
+            if not r.ok or (seq and seq[-1] == r.color):
+                continue
+            if len(seq) >= 2 and r.color == seq[-2] and r.started - switched_at <= settle:
+                late.append(r.started - switched_at)
+                continue
+            seq.append(r.color)
+            switched_at = r.started
+        return seq, late
 
     def summary(self) -> dict[str, object]:
         lat = sorted(r.seconds for r in self.requests if r.ok)
@@ -90,6 +112,10 @@ class Report:
             "by_status": by_status,
             "by_color": by_color,
             "color_sequence": self.colors(),
+            # The sequence with an nginx reload's overlap (old colour answering for up to 1 s after the
+            # first answer of the new one) not counted as a switch back; the overlap itself beside it.
+            "color_sequence_settled": self.colors(settle=RELOAD_SETTLE_S),
+            "reload_overlap": self.overlap(RELOAD_SETTLE_S),
             "latency_ms_p50": round(statistics.median(lat) * 1000, 2) if lat else None,
             "latency_ms_p99": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2) if lat else None,
             "latency_ms_max": round(lat[-1] * 1000, 2) if lat else None,
