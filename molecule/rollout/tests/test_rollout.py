@@ -485,9 +485,12 @@ def test_a_switch_interrupted_while_verifying_restores(host):
     times: dict[str, float] = {}
 
     def interrupted() -> tuple[int, dict[str, Any], str]:
-        # A streak no front door can give keeps the switch verifying until it is interrupted.
+        # A verify URL that only ever answers blue (blue's own port) keeps the switch verifying green
+        # until it is interrupted, while the front door really serves green; the restore's own
+        # verification of blue through the same URL then passes at once.
         started = time.monotonic()
-        proc = module(LB, "traffic_switch", switch_args("green", verify_consecutive=100000, verify_timeout=120))
+        proc = module(LB, "traffic_switch", switch_args("green", verify_url=f"http://{APP}:8001/version",
+                                                        verify_timeout=120))
         deadline = time.monotonic() + 120
         while not lb_file(JOURNAL).exists() or front_color() != "green":
             assert time.monotonic() < deadline and proc.poll() is None, "the switch never went live"
@@ -508,6 +511,7 @@ def test_a_switch_interrupted_while_verifying_restores(host):
     assert times["result_after_sigterm_s"] < 20, (times, result.get("msg"))
     assert rc != 0 and result["interrupted"] == "SIGTERM" and result["phase"] == "verifying", result
     assert result["restored"] is True and "previous state restored" in result["msg"]
+    assert result["restore_verification"]["verified"] is True, result["restore_verification"]
     assert lb_file(UPSTREAM).read_bytes() == before
     assert not lb_file(JOURNAL).exists()
     assert front_color() == "blue"
