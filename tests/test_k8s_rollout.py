@@ -170,9 +170,10 @@ def worlds(tmp_path: Path) -> Iterator[tuple[dict[str, Any], ...]]:
         env["cluster"].stop()
 
 
-def release(env: dict[str, Any], version: str, *extra: str, check: bool = False) -> tuple[int, str]:
+def release(env: dict[str, Any], version: str, *extra: str, check: bool = False,
+            playbook: str = "playbooks/rollout_k8s.yml") -> tuple[int, str]:
     root = env["root"]
-    args = [str(VENV_BIN / "ansible-playbook"), "playbooks/rollout_k8s.yml", "-e", f"release_version={version}",
+    args = [str(VENV_BIN / "ansible-playbook"), playbook, "-e", f"release_version={version}",
             "-e", f"rollout_k8s_kubeconfig={env['kubeconfig']}", "-e", f"rollout_k8s_image_repository={REPOSITORY}",
             "-e", f"rollout_k8s_artifacts_root={root / 'releases'}", "-e", f"rollout_k8s_record_file={env['records']}",
             "-e", f"@{root / 'gates.json'}", *extra]
@@ -181,7 +182,7 @@ def release(env: dict[str, Any], version: str, *extra: str, check: bool = False)
     started = time.monotonic()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
                           env=dict(os.environ, ANSIBLE_NOCOLOR="1"))
-    print(f"rollout_k8s.yml {version} {' '.join(extra)}{' --check' if check else ''}: rc {proc.returncode}, "
+    print(f"{playbook} {version} {' '.join(extra)}{' --check' if check else ''}: rc {proc.returncode}, "
           f"{time.monotonic() - started:.1f}s")
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -209,10 +210,14 @@ def check_refuse_and_release(env: dict[str, Any]) -> None:
     pods: Pods = env["pods"]
     token: str = env["token"]
 
-    # 1. Check mode: it plans blue -> green, the API server only dry-runs, nothing is stored, no record written.
+    # 1. Check mode, through the operators' entry point playbooks/rollout.yml with rollout_backend=kubernetes
+    #    (its nginx plays skip): it plans blue -> green, the API server only dry-runs, nothing is stored, no
+    #    record written.
     since = len(cluster.requests)
-    rc, out = release(env, "2026.11.2", check=True)
+    rc, out = release(env, "2026.11.2", "-e", "rollout_backend=kubernetes", check=True,
+                      playbook="playbooks/rollout.yml")
     assert rc == 0, out[-4000:]
+    assert "Plan the release from the live Service" in out
     assert "release 2026.11.2: blue (2026.11.1) -> green (not deployed)" in out
     writes = [r for r in cluster.requests[since:] if r["method"] in ("PATCH", "POST", "PUT", "DELETE")]
     assert writes and all(r.get("dry_run") == "All" for r in writes), writes
