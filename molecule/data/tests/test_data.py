@@ -6,8 +6,10 @@ gm-mol-data-db carries PostgreSQL, TimescaleDB (extension switched off) and Redi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import uuid
@@ -23,6 +25,7 @@ SCENARIO_DIR = Path(__file__).resolve().parent.parent
 REPO = SCENARIO_DIR.parent.parent
 SECRETS = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "secrets"
 DB = "grandmodel"
+DB_HOST = "gm-mol-data-db"
 
 
 def secret(name: str) -> str:
@@ -371,7 +374,7 @@ def test_backup_destroy_restore_gives_identical_data(host):
     redis(host, "FLUSHALL", user="grandmodel_admin")
     assert redis(host, "GET", "gm:restore:0").stdout.strip() == ""
 
-    run_playbook("restore.yml")
+    run_playbook("restore.yml", "-e", f"restore_confirm={DB_HOST}")
     assert superuser(host, fingerprint_sql) == before
     assert [redis(host, "GET", f"gm:restore:{i}").stdout.strip() for i in range(20)] == redis_before
     # Grants came back with the restore: the application role writes again.
@@ -451,3 +454,215 @@ def test_bad_input_is_rejected_with_a_clear_message(bad_input_runs, case):
     assert BAD_INPUTS[case][2] in output, output
     # Nothing was installed on the client by a rejected run.
     assert "changed=0" in output, output
+
+
+# --- Restores that cannot destroy data (issue 16, item 4) --------------------------------------
+
+def playbook(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run a playbook against the scenario's inventory; the caller judges the outcome."""
+    return subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(path), *extra],
+        capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
+    )
+
+
+def flat(proc: subprocess.CompletedProcess[str]) -> str:
+    return " ".join((proc.stdout + proc.stderr).split())
+
+
+def redis_state(host) -> tuple[int, str]:
+    """Key count (DBSIZE, real redis-cli on the host) and a digest of every key with its value."""
+    count = int(redis(host, "DBSIZE", user="grandmodel_admin").stdout.strip())
+    keys = sorted(redis(host, "--scan", user="grandmodel_admin").stdout.split())
+    values = redis(host, "MGET", *keys, user="grandmodel_admin").stdout if keys else ""
+    fields = redis(host, "HGETALL", "gm:state:hash", user="grandmodel_admin").stdout
+    return count, hashlib.sha256("\n".join([*keys, values, fields]).encode()).hexdigest()
+
+
+TRADES_FINGERPRINT = ("SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, '|' ORDER BY id)), '-') "
+                      "FROM trading.trades t")
+
+
+def write_redis_keys(host, prefix: str, count: int) -> None:
+    pairs = " ".join(f"gm:{prefix}:{i} {prefix}-{i}" for i in range(count))
+    assert redis(host, "MSET", pairs, user="grandmodel_admin").stdout.strip() == "OK"
+
+
+@pytest.fixture(scope="module")
+def restore_sources(host) -> dict[str, object]:
+    """A known data set in a fresh backup (A), then a different live data set (B) with its digests."""
+    redis(host, "FLUSHALL", user="grandmodel_admin")
+    write_redis_keys(host, "state:a", 150)
+    redis(host, "HSET", "gm:state:hash", "version", "a", "owner", "backup", user="grandmodel_admin")
+    for unit in ("grandmodel-redis-backup", "grandmodel-postgresql-backup"):
+        host.run_test(f"systemctl start {unit}.service")
+    snapshot = host.check_output("ls -1 /var/backups/grandmodel/redis/redis-*.rdb | tail -n 1")
+    dump = host.check_output(f"ls -1 /var/backups/grandmodel/postgresql/{DB}-*.dump | tail -n 1")
+    redis_a, pg_a = redis_state(host), superuser(host, TRADES_FINGERPRINT)
+    # B: more keys, a changed value, more rows.
+    write_redis_keys(host, "state:b", 40)
+    redis(host, "HSET", "gm:state:hash", "version", "b", user="grandmodel_admin")
+    values = ",".join(f"('{uuid.uuid4()}', 'LIVE{i}', 'BUY', 1, 10.5, 'live', 'tactical', now())" for i in range(25))
+    assert psql(host, "INSERT INTO trading.trades (trade_id, symbol, side, quantity, price, strategy, agent, "
+                      f"executed_at) VALUES {values}").rc == 0
+    aside = host.check_output("ls -1 /var/lib/redis/aside 2>/dev/null || true").split()
+    safety = host.check_output("ls -1 /var/backups/grandmodel/postgresql-before-restore 2>/dev/null || true").split()
+    # Hostile sources: a snapshot with one byte flipped in the middle, a text file, a directory.
+    host.run_test(f"python3 -c \"import sys; b = bytearray(open('{snapshot}', 'rb').read()); "
+                  "b[len(b) // 2] ^= 0xFF; open('/tmp/corrupt.rdb', 'wb').write(b)\"")
+    host.run_test("printf 'these are my notes, not a snapshot\\n' > /tmp/notes.txt && chmod 0644 /tmp/notes.txt")
+    return {"snapshot": snapshot, "dump": dump, "redis_a": redis_a, "pg_a": pg_a, "aside": aside, "safety": safety,
+            "redis_b": redis_state(host), "pg_b": superuser(host, TRADES_FINGERPRINT)}
+
+
+RESTORE = REPO / "playbooks" / "restore.yml"
+CONFIRM = f"restore_confirm={DB_HOST}"
+HOSTILE_RESTORES = {
+    "redis-corrupt-snapshot": (["-e", "restore_targets=['redis']", "-e", CONFIRM,
+                                "-e", "restore_redis_file=/tmp/corrupt.rdb"],
+                               "redis-check-rdb rejects /tmp/corrupt.rdb"),
+    "redis-text-file": (["-e", "restore_targets=['redis']", "-e", CONFIRM, "-e", "restore_redis_file=/tmp/notes.txt"],
+                        "redis-check-rdb rejects /tmp/notes.txt"),
+    "redis-directory": (["-e", "restore_targets=['redis']", "-e", CONFIRM, "-e", "restore_redis_file=/tmp"],
+                        "/tmp is not a regular file"),
+    "redis-missing-file": (["-e", "restore_targets=['redis']", "-e", CONFIRM,
+                            "-e", "restore_redis_file=/tmp/no-such.rdb"], "/tmp/no-such.rdb does not exist"),
+    "redis-unconfirmed": (["-e", "restore_targets=['redis']"],
+                          f"Not confirmed: restoring Redis on {DB_HOST} replaces its live data set"),
+    "redis-confirmed-for-another-host": (["-e", "restore_targets=['redis']", "-e", "restore_confirm=true"],
+                                         f"To go ahead, pass -e restore_confirm={DB_HOST} (got 'true')"),
+    "pg-text-file": (["-e", "restore_targets=['postgresql']", "-e", CONFIRM,
+                      "-e", "restore_postgresql_file=/tmp/notes.txt"], "pg_restore --list rejects /tmp/notes.txt"),
+    "pg-unconfirmed": (["-e", "restore_targets=['postgresql']"],
+                       f"Not confirmed: restoring {DB} on {DB_HOST} replaces its live data"),
+    "rollback-unconfirmed": (["-e", "restore_rollback=true"], f"Not confirmed: rolling back {DB} on {DB_HOST}"),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_restores(host, restore_sources) -> dict[str, tuple[subprocess.CompletedProcess[str], int]]:
+    """Every hostile restore, four at a time (each must fail before it touches anything), with the key count."""
+    started = host.check_output("systemctl show redis-server -p ExecMainStartTimestampMonotonic")
+
+    def run(case: str) -> tuple[str, tuple[subprocess.CompletedProcess[str], int]]:
+        proc = playbook(RESTORE, *HOSTILE_RESTORES[case][0])
+        return case, (proc, redis_state(host)[0])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(pool.map(run, HOSTILE_RESTORES))
+    # Never stopped, not even for a moment: the same process as before.
+    assert host.check_output("systemctl show redis-server -p ExecMainStartTimestampMonotonic") == started
+    return results
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RESTORES))
+def test_hostile_restore_fails_clearly_and_changes_nothing(host, restore_sources, hostile_restores, case):
+    proc, keys_after = hostile_restores[case]
+    output = flat(proc)
+    assert proc.returncode != 0, output[-2000:]
+    assert HOSTILE_RESTORES[case][1] in output, output[-2000:]
+    assert "Nothing was changed" in output, output[-2000:]
+    # Real redis-cli on the host: the same keys and values as before, and PostgreSQL untouched.
+    assert keys_after == restore_sources["redis_b"][0]
+    assert redis_state(host) == restore_sources["redis_b"]
+    assert superuser(host, TRADES_FINGERPRINT) == restore_sources["pg_b"]
+    assert host.service("redis-server").is_running
+    assert host.check_output("ls -1 /var/lib/redis/aside 2>/dev/null || true").split() == restore_sources["aside"]
+
+
+def test_restore_failing_after_the_stop_puts_the_old_data_back(host, restore_sources, hostile_restores):
+    # A fault at the end: Redis comes up on the snapshot but never answers the restore's readiness check
+    # (the inventory's admin password does not match the host's ACL file here).
+    proc = playbook(RESTORE, "-e", "restore_targets=['redis']", "-e", CONFIRM,
+                    "-e", f"restore_redis_file={restore_sources['snapshot']}",
+                    "-e", "redis_admin_password=not-the-admin-password", "-e", "redis_restore_ready_timeout=1")
+    output = flat(proc)
+    assert proc.returncode != 0, output[-2000:]
+    assert "The old data set was put back and Redis was started on it again" in output, output[-2000:]
+    assert host.service("redis-server").is_running
+    assert redis_state(host) == restore_sources["redis_b"]
+    assert host.check_output("ls -1A /var/lib/redis/aside").split() == restore_sources["aside"], "nothing half-done"
+
+
+def test_good_restore_keeps_the_old_data_aside_and_rolls_back(host, restore_sources, hostile_restores):
+    proc = playbook(RESTORE, "-e", CONFIRM, "-e", f"restore_redis_file={restore_sources['snapshot']}",
+                    "-e", f"restore_postgresql_file={restore_sources['dump']}")
+    assert proc.returncode == 0, flat(proc)[-3000:]
+    assert redis_state(host) == restore_sources["redis_a"]
+    assert superuser(host, TRADES_FINGERPRINT) == restore_sources["pg_a"]
+    aside = sorted(set(host.check_output("ls -1 /var/lib/redis/aside").split()) - set(restore_sources["aside"]))
+    assert len(aside) == 1 and host.file(f"/var/lib/redis/aside/{aside[0]}/appendonlydir").is_directory
+    safety = sorted(set(host.check_output("ls -1 /var/backups/grandmodel/postgresql-before-restore").split())
+                    - set(restore_sources["safety"]))
+    assert len(safety) == 1 and safety[0].startswith(f"{DB}-before-restore-") and safety[0].endswith(".dump")
+
+    rollback = playbook(REPO / "playbooks" / "restore_rollback.yml", "-e", CONFIRM)
+    assert rollback.returncode == 0, flat(rollback)[-3000:]
+    # Exactly the data from before the restore, key for key and row for row.
+    assert redis_state(host) == restore_sources["redis_b"]
+    assert superuser(host, TRADES_FINGERPRINT) == restore_sources["pg_b"]
+    # The restored data is kept in turn: running the rollback again would undo it.
+    assert len(host.check_output("ls -1 /var/lib/redis/aside").split()) == len(restore_sources["aside"]) + 1
+    assert len(host.check_output("ls -1 /var/backups/grandmodel/postgresql-before-restore").split()) == len(
+        restore_sources["safety"]) + 2
+    assert psql(host, "UPDATE trading.trades SET pnl = 0 WHERE strategy = 'live'").rc == 0
+
+
+# --- No surprise restarts (issue 16, item 5) ---------------------------------------------------
+
+SETTINGS = SCENARIO_DIR / "postgresql_settings.yml"
+
+
+def converge_postgresql(extra_vars: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """The postgresql role's sizing, configuration and service steps (install, roles, schema and backups,
+    which the memory does not touch, are skipped to save time; the idempotence step covers them)."""
+    return playbook(SETTINGS, "--skip-tags", "postgresql_install,postgresql_access,postgresql_schema,postgresql_backup",
+                    "-e", json.dumps(extra_vars))
+
+
+def postmaster_start(host) -> str:
+    return superuser(host, "SELECT pg_postmaster_start_time()")
+
+
+def recap_changed(proc: subprocess.CompletedProcess[str]) -> int:
+    line = next(line for line in proc.stdout.splitlines() if line.startswith(DB_HOST) and "changed=" in line)
+    return int(line.split("changed=")[1].split()[0])
+
+
+def pending_fact(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The fact postgresql_pending_restart, as postgresql_settings.yml prints it."""
+    found = re.search(r"pending_restart=(\[[^\]]*\])", proc.stdout)
+    assert found, proc.stdout[-3000:]
+    return json.loads(found.group(1).replace('\\"', '"'))
+
+
+def test_a_few_mib_less_memory_changes_nothing_and_restarts_nothing(host):
+    started = postmaster_start(host)
+    # 1024 MiB is the cgroup limit: 3 MiB less would round down to 960 without the kept basis.
+    proc = converge_postgresql({"postgresql_memory_mb": 1021})
+    assert proc.returncode == 0, flat(proc)[-3000:]
+    assert recap_changed(proc) == 0, flat(proc)[-3000:]
+    assert pending_fact(proc) == []
+    assert "PostgreSQL sized for 1024 MiB (memory 1021 MiB, step 64 MiB)" in flat(proc)
+    assert postmaster_start(host) == started
+    assert superuser(host, "SHOW shared_buffers") == "256MB"
+
+
+def test_a_change_that_needs_a_restart_waits_until_allowed(host):
+    started = postmaster_start(host)
+    proc = converge_postgresql({"postgresql_memory_mb": 2048})
+    assert proc.returncode == 0, flat(proc)[-3000:]
+    assert recap_changed(proc) >= 1
+    assert "shared_buffers" in pending_fact(proc) and "wait for a restart" in flat(proc)
+    # Written and reloaded, not restarted: reloadable sizes are live, shared_buffers waits.
+    assert postmaster_start(host) == started
+    assert superuser(host, "SHOW shared_buffers") == "256MB"
+    assert superuser(host, "SHOW effective_cache_size") == "1536MB"
+    assert "shared_buffers" in superuser(host, "SELECT string_agg(name, ',') FROM pg_settings WHERE pending_restart")
+
+    allowed = converge_postgresql({"postgresql_memory_mb": 2048, "postgresql_allow_restart": True})
+    assert allowed.returncode == 0, flat(allowed)[-3000:]
+    assert pending_fact(allowed) == []
+    assert postmaster_start(host) != started
+    assert superuser(host, "SHOW shared_buffers") == "512MB"
+    assert superuser(host, "SELECT count(*) FROM pg_settings WHERE pending_restart") == "0"
