@@ -159,9 +159,11 @@ def _restore_targets() -> dict[str, Any]:
 
 
 def _restore_confirm() -> dict[str, Any]:
-    default = re.search(r"restore_confirm \| default\((true|false)\) \| bool", _read("playbooks/restore.yml"))
-    assert default, "playbooks/restore.yml no longer reads restore_confirm as a bool"
-    return {"type": "bool", "default": default.group(1) == "true"}
+    # The inventory name of the host restored, required in every environment (the roles refuse without it).
+    text = _read("playbooks/restore.yml")
+    assert "restore_confirm | default('') | string" in text, "restore.yml no longer reads restore_confirm as text"
+    assert "restore_confirm: the inventory name of the host restored (required" in text
+    return {"type": "str", "required": True}
 
 
 # Inputs documented in a playbook header but not in any argument_specs: their spec is read from the code
