@@ -45,6 +45,7 @@ class Request:
     color: str
     keepalive: bool
     error: str = ""
+    retried: bool = False  # resent once after a reused connection closed before any answer
 
     @property
     def ok(self) -> bool:
@@ -109,6 +110,7 @@ class Report:
             "failed": len(self.failed),
             "failed_keepalive": sum(1 for r in self.failed if r.keepalive),
             "failed_new_connection": sum(1 for r in self.failed if not r.keepalive),
+            "retried_reused_connection": sum(1 for r in self.requests if r.retried),
             "by_status": by_status,
             "by_color": by_color,
             "color_sequence": self.colors(),
@@ -193,18 +195,32 @@ class LoadGenerator:
         headers = {"Content-Type": "application/json"}
         if not keepalive:
             headers["Connection"] = "close"
+        retried = False
         try:
-            conn.request("POST", PREDICT_PATH, body=self.body, headers=headers)
-            resp = conn.getresponse()
+            reused = conn.sock is not None
+            try:
+                conn.request("POST", PREDICT_PATH, body=self.body, headers=headers)
+                resp = conn.getresponse()
+            except (BrokenPipeError, ConnectionResetError):
+                # A reused keep-alive connection closed by the server (an nginx reload closes idle ones)
+                # before any byte of an answer: resent once on a new connection, as RFC 9112 9.3.1 lets a
+                # client do for a request it knows to be idempotent (a prediction is a pure function of
+                # its input; docs/release.md asks clients to do this). Counted as `retried`, never hidden.
+                if not reused:
+                    raise
+                conn.close()
+                retried = True
+                conn.request("POST", PREDICT_PATH, body=self.body, headers=headers)
+                resp = conn.getresponse()
             resp.read()
             color = self._color(resp.getheader("X-Served-By"))
             if resp.getheader("Connection", "").lower() == "close":
                 conn.close()
-            return Request(started, time.monotonic() - started, resp.status, color, keepalive)
+            return Request(started, time.monotonic() - started, resp.status, color, keepalive, retried=retried)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             return Request(started, time.monotonic() - started, 0, "", keepalive,
-                           f"{type(exc).__name__}: {exc}")
+                           f"{type(exc).__name__}: {exc}", retried=retried)
 
     def _worker(self, index: int) -> None:
         keepalive = index % 2 == 0
