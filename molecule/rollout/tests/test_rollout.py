@@ -397,12 +397,14 @@ MATRIX: dict[str, tuple[Callable[[], bool], Callable[[], Any], str | tuple[str, 
     "pre_gate_kill9_start": (at_measurement(PRE["start"]), kill_green, "aborted_pre_promotion", ()),
     "pre_gate_kill9_middle": (at_measurement(PRE["middle"]), kill_green, "aborted_pre_promotion", ()),
     # The last moment of the gate: the kill may land just before the last measurement ends (the gate
-    # fails) or just after it passed, where the switch's readiness pre-check refuses the dead colour.
-    # Under load (CI's two lanes) systemd once restarted green before the pre-check: the new process
-    # passed it, was promoted on the gate evidence of the killed one, and the post-promotion gate rolled
-    # it back (0 failed requests). A known gap, stated in docs/release.md: the traffic must end on blue.
-    "pre_gate_kill9_end": (at_measurement(PRE["end"]), kill_green,
-                           ("aborted_pre_promotion", "aborted_switch", "rolled_back_post_promotion"), ()),
+    # fails) or just after it passed, where the release sees green's process changed (systemd's MainPID
+    # and InvocationID, read before the gate, after it and on each load balancer right before the
+    # switch) or the switch's readiness pre-check finds the colour dead. A process systemd restarted
+    # meanwhile is never promoted on the evidence of the killed one (once, under CI's load, it was).
+    "pre_gate_kill9_end": (at_measurement(PRE["end"]), kill_green, ("aborted_pre_promotion", "aborted_switch"), ()),
+    # The same with a restart that brings a ready process back within seconds: refused, never promoted.
+    "pre_gate_restarted_end": (at_measurement(PRE["end"]), restart_green,
+                               ("aborted_pre_promotion", "aborted_switch"), ()),
     "kill9_while_switching": (when_switch_in_flight, kill_green, "aborted_switch",
                               ("-e", "rollout_switch_verify_timeout=5")),
     "post_gate_kill9_start": (at_measurement(POST["start"]), kill_green, "rolled_back_post_promotion", ()),
