@@ -81,6 +81,8 @@ def build_steps() -> list[Step]:
         Step("ansible-test-sanity",
              [str(VENV_BIN / "ansible-test"), "sanity", "--venv", "--python", "3.11",
               "--color", "no"], cwd=COLLECTION, timeout=2400),
+        # Galaxy's own importer on the built tarball (READMEs, galaxy.yml, docs, layout).
+        Step("galaxy-importer", [py, "scripts/galaxy_import_check.py"], timeout=900),
         Step("pytest-repo", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
                              "ansible_collections/quantnova/grandmodel/tests/unit"]),
     ]

@@ -47,6 +47,17 @@ else
 fi
 .venv/bin/python scripts/check_collections.py
 
+# Galaxy's importer (scripts/galaxy_import_check.py, a step of make test) in its own virtualenv: it pins
+# attrs<24, older than what the tools of .venv need.
+gstamp=.venv-galaxy/.requirements.sha256
+gwant=$(sha256sum requirements-galaxy.txt | cut -d' ' -f1)
+if ! { [ -x .venv-galaxy/bin/python ] && [ -f "$gstamp" ] && [ "$(cat "$gstamp")" = "$gwant" ]; }; then
+  [ -x .venv-galaxy/bin/python ] || python3 -m venv .venv-galaxy
+  beat "installing requirements-galaxy.txt (galaxy-importer) into .venv-galaxy" \
+    .venv-galaxy/bin/pip install -q --disable-pip-version-check -r requirements-galaxy.txt
+  echo "$gwant" > "$gstamp"
+fi
+
 # ansible-test bootstraps pip in its sanity virtualenvs from a URL our networks cannot reach:
 # give it the offline stand-in under the cached name it looks for.
 pip_ver=$(.venv/bin/python - <<'PY'
