@@ -6,7 +6,11 @@ from __future__ import annotations
 
 
 class ModuleDocFragment:
-    # The HTTP options of modules that probe a service (built by module_utils.http_client.http_argument_spec).
+    # The HTTP options of modules that probe a service (built by module_utils.http_client.http_argument_spec;
+    # the requests go through ansible.module_utils.urls, the code behind open_url). Not the url fragment
+    # (ansible.builtin.url): it documents url, force, use_proxy, url_username/url_password, client_cert and
+    # more that these modules do not take (probes never use a proxy or basic auth), and lacks timeout and
+    # headers; extending it would document options the modules refuse.
     DOCUMENTATION = r"""
 options:
   timeout:

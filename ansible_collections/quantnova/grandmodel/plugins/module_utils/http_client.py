@@ -1,9 +1,10 @@
 # -*- coding: utf-8 -*-
 # Copyright: (c) 2025, GrandModel Ops
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""A tiny stdlib HTTP client for probes: one request, its status, body and wall time.
+"""A small HTTP client for probes: one request, its status, body and wall time.
 
-Modules run on target hosts with the standard library only. Probes go straight to the service
+Requests are made with Ansible's own `ansible.module_utils.urls` (the `Request` class behind
+`open_url`, shipped with every module: no extra library on the target host). Probes go straight to the service
 (never through an environment proxy) and an HTTP error status is an answer, not an exception:
 only a request that could not be made or whose answer could not be read (refused, timed out, TLS
 failure, a connection closed mid-answer, a malformed status line) raises, and always as
@@ -14,11 +15,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import ssl
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
+
+from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
+from ansible.module_utils.urls import Request, make_context
 
 HTTP_SPEC_DEFAULTS = {"timeout": 5.0, "validate_certs": True}
 
@@ -65,19 +70,44 @@ class HttpResponse:
 
 
 class HttpClient:
-    """Keeps the per-module settings (timeout, TLS verification, extra headers) in one place."""
+    """Keeps the per-module settings (timeout, TLS verification, extra headers) in one place.
+
+    Like the urllib opener it replaces, every request opens its own connection (nothing to keep alive).
+    """
 
     def __init__(self, *, timeout=5.0, validate_certs=True, headers=None):
         self.timeout = float(timeout)
         self.validate_certs = bool(validate_certs)
         self.headers = dict(headers or {})
-        handlers = [urllib.request.ProxyHandler({})]
-        if not self.validate_certs:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            handlers.append(urllib.request.HTTPSHandler(context=context))
-        self._opener = urllib.request.build_opener(*handlers)
+        self._tls_context = None
+        self._redirect_context = None
+
+    def _context(self, url):
+        """The TLS context for a request, built once per client.
+
+        open_url() has no `context` argument and builds one for every request, even a plain http one,
+        reading every CA certificate of the host (about 50 ms here); the health gate sends many small
+        requests and the traffic switch one every tenth of a second. So each request is open_url's own
+        `Request().open()` given a context: a fresh Request per request, as open_url makes (no cookie
+        outlives its probe).
+        """
+        if urllib.parse.urlsplit(url).scheme.lower() == "https":
+            if self._tls_context is None:
+                self._tls_context = make_context(validate_certs=self.validate_certs)
+            return self._tls_context
+        if self._redirect_context is None:
+            # Used only if a plain http probe is redirected to https: the system CA directory, looked up
+            # lazily by OpenSSL (well under a millisecond to set up), or no verification when asked.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if self.validate_certs:
+                capath = ssl.get_default_verify_paths().capath
+                if capath and os.path.isdir(capath):
+                    context.load_verify_locations(capath=capath)
+            else:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._redirect_context = context
+        return self._redirect_context
 
     def request(self, method, url, *, body=None, json_body=None, headers=None, timeout=None):
         all_headers = {"User-Agent": "quantnova.grandmodel", "Accept": "application/json"}
@@ -86,11 +116,13 @@ class HttpClient:
             body = json.dumps(json_body).encode("utf-8")
             all_headers["Content-Type"] = "application/json"
         all_headers.update(headers or {})
-        req = urllib.request.Request(url, data=body, headers=all_headers, method=method)
         started = time.monotonic()
         try:
             try:
-                with self._opener.open(req, timeout=timeout or self.timeout) as resp:
+                # No environment proxy, no ~/.netrc credentials, the body as sent: a probe sees the service.
+                with Request(context=self._context(url)).open(
+                        method, url, data=body, headers=all_headers, use_proxy=False, timeout=timeout or self.timeout,
+                        validate_certs=self.validate_certs, use_netrc=False, decompress=False) as resp:
                     payload = resp.read()
                     status, resp_headers = resp.status, dict(resp.headers.items())
             except urllib.error.HTTPError as exc:
@@ -105,6 +137,9 @@ class HttpClient:
             # line), LineTooLong, ...: the service did not give a usable answer.
             raise HttpProbeError("%s %s failed: the answer could not be read (%s: %s)"
                                  % (method, url, type(exc).__name__, exc or "no detail")) from exc
+        except UrlsConnectionError as exc:
+            # open_url's own errors (a TLS certificate it refused, a proxy, ...).
+            raise HttpProbeError("%s %s failed: %s" % (method, url, exc)) from exc
         except (OSError, ValueError) as exc:
             # ValueError: malformed URL; OSError: connection reset, TLS errors while reading, ...
             raise HttpProbeError("%s %s failed: %s" % (method, url, _reason(exc))) from exc

@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -314,25 +313,47 @@ def _file_mode(path, default=0o644):
         return default
 
 
-def atomic_write(path, text, mode=None):
-    """Write `text` to a hidden temporary file beside `path`, fsync it, then os.replace it into place.
+def atomic_write(module, path, text, mode=None):
+    """Write `text` to a hidden temporary file beside `path`, fsync it, then atomic_move it into place.
 
     The temporary name starts with a dot and ends in .tmp, so an nginx `include dir/*.conf` (or `dir/*`)
-    glob never picks up a half-written file.
+    glob never picks up a half-written file. `mode` None keeps the mode of the file replaced (0644 for
+    a new one); a mode given is the mode the file ends with either way.
     """
     directory, base = os.path.split(os.path.abspath(path))
     tmp = _write_temp(directory, base, text, _file_mode(path) if mode is None else mode)
-    replace_file(tmp, path)
+    replace_file(module, tmp, path)
+    if mode is not None and _file_mode(path) != mode:
+        _chmod(path, mode)
 
 
-def replace_file(source, path):
-    """Atomically move `source` (in the same directory) onto `path` and make the rename durable."""
-    try:
-        os.replace(source, path)
-    except OSError as exc:
+def replace_file(module, source, path):
+    """Atomically move `source` (in the same directory) onto `path` and make the rename durable.
+
+    `module.atomic_move` keeps the owner, group, mode and SELinux context of the file it replaces.
+    A new file keeps the mode `source` was given (atomic_move would apply the umask instead).
+    """
+    if module is None:
         _unlink_quietly(source)
-        raise TrafficSwitchError("cannot write %s: %s" % (path, exc.strerror or exc)) from exc
+        raise TrafficSwitchError("cannot write %s: no AnsibleModule was given to write it with" % path)
+    new_mode = None if os.path.lexists(path) else _file_mode(source)
+    try:
+        module.atomic_move(source, path)
+    except Exception as exc:  # atomic_move raises a bare Exception chained to the OSError
+        _unlink_quietly(source)
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        reason = getattr(cause, "strerror", None) or cause
+        raise TrafficSwitchError("cannot write %s: %s" % (path, reason)) from exc
+    if new_mode is not None and _file_mode(path) != new_mode:
+        _chmod(path, new_mode)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _chmod(path, mode):
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise TrafficSwitchError("cannot set the mode of %s to %04o: %s" % (path, mode, exc.strerror or exc)) from exc
 
 
 def _unlink_quietly(path):
@@ -360,8 +381,9 @@ def _now():
 class StateFile:
     """A small JSON record {active, previous, backup, switched_at} kept beside the upstream file."""
 
-    def __init__(self, path):
+    def __init__(self, path, module=None):
         self.path = path
+        self.module = module
 
     def read(self):
         text = _read_text(self.path)
@@ -375,7 +397,7 @@ class StateFile:
 
     def write(self, active, previous, backup=None):
         record = {"active": active, "previous": previous, "backup": backup, "switched_at": _now()}
-        atomic_write(self.path, json.dumps(record, indent=2, sort_keys=True) + "\n", mode=0o644)
+        atomic_write(self.module, self.path, json.dumps(record, indent=2, sort_keys=True) + "\n", mode=0o644)
         return record
 
 
@@ -548,10 +570,12 @@ class NginxBackend(TrafficBackend):
 
     name = "nginx"
 
-    def __init__(self, upstream_file, *, upstream_name="grandmodel_backend", backends=None, keepalive=32,
+    def __init__(self, upstream_file, *, module=None, upstream_name="grandmodel_backend", backends=None, keepalive=32,
                  nginx_binary="nginx", nginx_config="/etc/nginx/nginx.conf", nginx_prefix=None,
                  reload_command=None, state_file=None, verifier=None, command_timeout=60, lock_timeout=30.0,
                  metrics_file=None, precheck_path=None, precheck_timeout=2.0):
+        # The AnsibleModule whose run_command and atomic_move do the work (None: read and plan only).
+        self.module = module
         self.upstream_file = os.path.abspath(upstream_file)
         self.upstream_name = upstream_name
         self.backends = backends or {}
@@ -565,7 +589,7 @@ class NginxBackend(TrafficBackend):
         self.backup_file = os.path.join(directory, ".%s.previous" % base)
         self.journal_file = os.path.join(directory, ".%s.pending" % base)
         self.lock_file = os.path.join(directory, ".%s.lock" % base)
-        self.state = StateFile(state_file or os.path.join(directory, ".%s.state.json" % base))
+        self.state = StateFile(state_file or os.path.join(directory, ".%s.state.json" % base), module)
         self.metrics_file = metrics_file
         self.verifier = verifier
         self.command_timeout = check_number("command_timeout", command_timeout, above=0)
@@ -594,18 +618,49 @@ class NginxBackend(TrafficBackend):
         return self.reload_command or self._nginx("-s", "reload")
 
     def _run(self, cmd, what):
+        """`module.run_command` with a deadline: a command still running after command_timeout is killed.
+
+        run_command has no timeout of its own; a timer started once the process exists kills it, and the
+        process is killed as well when run_command is interrupted (a signal turned into SwitchInterrupted).
+        """
+        if self.module is None:
+            raise TrafficSwitchError("%s failed: cannot run %s: no AnsibleModule was given to run it with"
+                                     % (what, cmd[0]))
+        started, expired = [], threading.Event()
+
+        def watch(process):
+            def expire():
+                expired.set()
+                with contextlib.suppress(OSError):
+                    process.kill()
+            timer = threading.Timer(self.command_timeout, expire)
+            timer.daemon = True
+            started.append((process, timer))
+            timer.start()
+
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.command_timeout, check=False)
-        except FileNotFoundError as exc:
+            rc, stdout, stderr = self.module.run_command(
+                cmd, handle_exceptions=False, expand_user_and_vars=False, errors="surrogate_or_replace",
+                before_communicate_callback=watch)
+        except OSError as exc:
             raise TrafficSwitchError("%s failed: cannot run %s: %s" % (what, cmd[0], exc.strerror or exc)) from exc
-        except subprocess.TimeoutExpired as exc:
+        except BaseException:
+            for process, _timer in started:
+                with contextlib.suppress(OSError):
+                    process.kill()
+                    process.wait()
+            raise
+        finally:
+            for _process, timer in started:
+                timer.cancel()
+        if expired.is_set():
             raise TrafficSwitchError("%s failed: %s did not finish within %ss"
-                                     % (what, " ".join(cmd), self.command_timeout)) from exc
-        if proc.returncode != 0:
-            output = (proc.stderr.strip() or proc.stdout.strip() or "no output")
-            raise TrafficSwitchError("%s failed: `%s` exited %d: %s" % (what, " ".join(cmd), proc.returncode, output),
-                                     command=cmd, rc=proc.returncode, stderr=proc.stderr, stdout=proc.stdout)
-        return proc
+                                     % (what, " ".join(cmd), self.command_timeout))
+        if rc != 0:
+            output = (stderr.strip() or stdout.strip() or "no output")
+            raise TrafficSwitchError("%s failed: `%s` exited %d: %s" % (what, " ".join(cmd), rc, output),
+                                     command=cmd, rc=rc, stderr=stderr, stdout=stdout)
+        return rc, stdout, stderr
 
     # locking and crash recovery
     @contextlib.contextmanager
@@ -669,7 +724,7 @@ class NginxBackend(TrafficBackend):
                         "a switch to %s (pid %s, %s) died before finishing and its backup %s is gone: check %s by "
                         "hand, then remove %s" % (journal.get("color"), journal.get("pid"), journal.get("started"),
                                                   self.backup_file, self.upstream_file, self.journal_file))
-                atomic_write(self.upstream_file, previous)
+                atomic_write(self.module, self.upstream_file, previous)
                 done.append("restored %s from %s" % (self.upstream_file, self.backup_file))
             else:
                 _unlink_quietly(self.upstream_file)
@@ -686,7 +741,7 @@ class NginxBackend(TrafficBackend):
     def _write_journal(self, plan, replaced):
         record = {"pid": os.getpid(), "color": plan.color, "backup": plan.backup, "started": _now(),
                   "before_existed": plan.before is not None, "replaced": replaced, "candidate": self.candidate}
-        atomic_write(self.journal_file, json.dumps(record, sort_keys=True) + "\n", mode=0o600)
+        atomic_write(self.module, self.journal_file, json.dumps(record, sort_keys=True) + "\n", mode=0o600)
 
     def finish(self, plan):
         _unlink_quietly(self.journal_file)
@@ -792,14 +847,14 @@ class NginxBackend(TrafficBackend):
         self.candidate = _write_temp(self.directory, self.base, plan.after, _file_mode(self.upstream_file),
                                      suffix=".candidate")
         if plan.before is not None:
-            atomic_write(self.backup_file, plan.before)
+            atomic_write(self.module, self.backup_file, plan.before)
         self._write_journal(plan, replaced=False)
         self.test_candidate(self.candidate)
         # Tested: from here the live file changes, so the journal says so first (a SIGKILL after this
         # point is undone by the next run's recover()).
         self._write_journal(plan, replaced=True)
         self.wrote = True
-        replace_file(self.candidate, self.upstream_file)
+        replace_file(self.module, self.candidate, self.upstream_file)
         self.candidate = None
         self.reloaded = True  # a failed reload may have half-happened: reload again after restoring
         self._run(self.reload_cmd(), "nginx reload")
@@ -819,7 +874,7 @@ class NginxBackend(TrafficBackend):
                 _unlink_quietly(self.upstream_file)
                 done.append("removed %s (there was none before)" % self.upstream_file)
             else:
-                atomic_write(self.upstream_file, plan.before)
+                atomic_write(self.module, self.upstream_file, plan.before)
                 done.append("restored %s from %s" % (self.upstream_file, self.backup_file))
         else:
             done.append("the live %s was never replaced" % self.upstream_file)
@@ -845,7 +900,7 @@ class NginxBackend(TrafficBackend):
         if not os.path.isdir(directory):
             raise TrafficSwitchError("cannot export the live colour to %s: the directory %s does not exist (the "
                                      "node exporter's textfile directory)" % (self.metrics_file, directory))
-        atomic_write(self.metrics_file, text, mode=0o644)
+        atomic_write(self.module, self.metrics_file, text, mode=0o644)
         return True
 
 

@@ -432,7 +432,8 @@ def argument_spec():
     )
 
 
-def build_backend(params):
+def build_backend(module):
+    params = module.params
     verifier = None
     if params["verify_url"]:
         verifier = FrontDoorVerifier(params["verify_url"], timeout=params["verify_timeout"],
@@ -442,7 +443,7 @@ def build_backend(params):
     if params["backend"] == "kubernetes":
         return build_kubernetes_backend(params, verifier=verifier)
     return NginxBackend(
-        upstream_file=params["upstream_file"], upstream_name=params["upstream_name"],
+        upstream_file=params["upstream_file"], module=module, upstream_name=params["upstream_name"],
         backends=params["backends"] or {}, keepalive=params["keepalive"],
         nginx_binary=params["nginx_binary"], nginx_config=params["nginx_config"],
         nginx_prefix=params["nginx_prefix"], reload_command=params["reload_command"],
@@ -468,7 +469,7 @@ def main():
     paths = dict(service="%s/%s" % (params["namespace"], params["service"])) if kubernetes else dict(
         upstream_file=params["upstream_file"])
     try:
-        backend = build_backend(params)
+        backend = build_backend(module)
         if not kubernetes:
             paths = dict(upstream_file=backend.upstream_file, state_file=backend.state.path)
         if params["state"] == "query":

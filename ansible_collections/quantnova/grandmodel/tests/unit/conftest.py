@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[5]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic import render_upstream
@@ -265,6 +266,13 @@ def nginx(nginx_binary: str, tmp_path: Path) -> Iterator[NginxUnderTest]:
 
 
 # -- running modules the way ansible-test units do -----------------------------------------------
+
+@pytest.fixture
+def ansible_module() -> AnsibleModule:
+    """A real AnsibleModule (no options) whose run_command and atomic_move the module_utils use."""
+    with patch_module_args({}):
+        return AnsibleModule(argument_spec={}, supports_check_mode=True)
+
 
 def run_module(main: Callable[[], None], args: dict[str, Any], capsys: pytest.CaptureFixture[str],
                check_mode: bool = False, diff: bool = False) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansible.module_utils.basic import AnsibleModule
 from conftest import NginxUnderTest, free_port, run_module
 
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic import (
@@ -56,9 +57,10 @@ def test_parse_active_color(text: str | None, color: str | None) -> None:
     assert parse_active_color(text) == color
 
 
-def test_read_state_falls_back_to_the_state_file_and_notices_outside_switches(tmp_path: Path) -> None:
+def test_read_state_falls_back_to_the_state_file_and_notices_outside_switches(
+        tmp_path: Path, ansible_module: AnsibleModule) -> None:
     upstream = tmp_path / "up.conf"
-    backend = NginxBackend(str(upstream), backends={"blue": ["127.0.0.1:1"]})
+    backend = NginxBackend(str(upstream), module=ansible_module, backends={"blue": ["127.0.0.1:1"]})
     assert backend.read_state().active is None
     backend.state.write("green", "blue")
     state = backend.read_state()
@@ -78,9 +80,10 @@ def test_check_mode_plan_reports_diff_and_touches_nothing(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_nginx_binary_fails_and_removes_the_new_file(tmp_path: Path) -> None:
+def test_missing_nginx_binary_fails_and_removes_the_new_file(tmp_path: Path, ansible_module: AnsibleModule) -> None:
     upstream = tmp_path / "up.conf"
-    backend = NginxBackend(str(upstream), backends={"green": ["127.0.0.1:2"]}, nginx_binary="/nonexistent/nginx")
+    backend = NginxBackend(str(upstream), module=ansible_module, backends={"green": ["127.0.0.1:2"]},
+                           nginx_binary="/nonexistent/nginx")
     with pytest.raises(TrafficSwitchError, match=r"cannot run /nonexistent/nginx.*was never replaced"):
         switch_traffic(backend, "green")
     assert not upstream.exists()

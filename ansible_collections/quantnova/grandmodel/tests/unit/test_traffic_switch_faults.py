@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansible.module_utils.basic import AnsibleModule
 from conftest import REPO, LoopbackServer, NginxUnderTest, free_port, run_module
 
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic import (
@@ -215,7 +216,7 @@ def test_http_level_errors_of_the_verification_probe_restore(
 
 @pytest.mark.parametrize("fault", [RuntimeError("a bug in the verifier"), KeyboardInterrupt()])
 def test_an_unexpected_exception_or_interrupt_restores_then_is_raised_again(
-        nginx: NginxUnderTest, fault: BaseException) -> None:
+        nginx: NginxUnderTest, fault: BaseException, ansible_module: AnsibleModule) -> None:
     before = nginx.upstream_file.read_text()
     verifier = FrontDoorVerifier(nginx.url, timeout=5, consecutive=20, interval=0.01)
     seen: list[str] = []
@@ -228,8 +229,9 @@ def test_an_unexpected_exception_or_interrupt_restores_then_is_raised_again(
         seen.append(answer())
         return seen[-1]
     verifier._answer = answer_then_fail  # type: ignore[method-assign]
-    backend = NginxBackend(str(nginx.upstream_file), backends=nginx.backends(), nginx_binary=nginx.binary,
-                           nginx_config=str(nginx.conf), nginx_prefix=str(nginx.prefix), verifier=verifier)
+    backend = NginxBackend(str(nginx.upstream_file), module=ansible_module, backends=nginx.backends(),
+                           nginx_binary=nginx.binary, nginx_config=str(nginx.conf), nginx_prefix=str(nginx.prefix),
+                           verifier=verifier)
     with pytest.raises(type(fault)) as info:
         switch_traffic(backend, "green")
     assert info.value is fault
