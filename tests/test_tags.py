@@ -28,19 +28,14 @@ from .conftest import COLLECTION, REPO, VENV_BIN
 ROLES_DIR = COLLECTION / "roles"
 # Roles whose tasks/main.yml another engineer is changing: their failing cases are strict xfails, so the lead
 # sees the case pass (and must drop the mark) as soon as their tags work.
-OTHERS = {"loadbalancer", "rollout", "monitoring", "exporters", "model_service", "k8s_workloads"}
+OTHERS = {"rollout", "monitoring", "exporters", "k8s_workloads"}
 # Each case that failed on the tree this test was written against (dynamic include_tasks in tasks/main.yml).
 KNOWN_FAILING = {
-    ("loadbalancer", "loadbalancer_preflight"), ("loadbalancer", "loadbalancer_install"),
-    ("loadbalancer", "loadbalancer_configure"), ("loadbalancer", "loadbalancer_tls"),
     ("rollout", "rollout_preflight"),
     ("monitoring", "monitoring_preflight"), ("monitoring", "monitoring_install"),
     ("monitoring", "monitoring_configure"), ("monitoring", "monitoring_service"),
     ("exporters", "exporters_preflight"), ("exporters", "exporters_install"),
     ("exporters", "exporters_configure"), ("exporters", "exporters_service"),
-    ("model_service", "model_service_preflight"), ("model_service", "model_service_install"),
-    ("model_service", "model_service_artifacts"), ("model_service", "model_service_configure"),
-    ("model_service", "model_service_service"),
 }
 INCLUDES = {"include_tasks", "ansible.builtin.include_tasks", "import_tasks", "ansible.builtin.import_tasks"}
 ROLE_INCLUDES = {"include_role", "ansible.builtin.include_role", "import_role", "ansible.builtin.import_role"}
