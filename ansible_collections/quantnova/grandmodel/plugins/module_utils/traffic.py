@@ -640,7 +640,7 @@ class NginxBackend(TrafficBackend):
 
         try:
             rc, stdout, stderr = self.module.run_command(
-                cmd, handle_exceptions=False, expand_user_and_vars=False, errors="surrogate_or_replace",
+                cmd, handle_exceptions=False, expand_user_and_vars=False, errors="replace",
                 before_communicate_callback=watch)
         except OSError as exc:
             raise TrafficSwitchError("%s failed: cannot run %s: %s" % (what, cmd[0], exc.strerror or exc)) from exc
