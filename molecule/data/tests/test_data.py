@@ -26,6 +26,9 @@ REPO = SCENARIO_DIR.parent.parent
 SECRETS = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "secrets"
 DB = "grandmodel"
 DB_HOST = "gm-mol-data-db"
+PKI = "/etc/grandmodel/pki"
+CA = f"{PKI}/ca.crt"
+SOCKET = "/run/redis/redis-server.sock"
 
 
 def secret(name: str) -> str:
@@ -43,12 +46,13 @@ def db_ip(host) -> str:
 
 
 def psql(host, sql: str, user: str = "grandmodel_app", password: str | None = None,
-         hostname: str = "127.0.0.1"):
-    """Run SQL as an application role over TCP with scram authentication."""
+         hostname: str = "127.0.0.1", ssl: str = f"sslmode=verify-full sslrootcert={CA}"):
+    """Run SQL as an application role over TCP with scram authentication, over TLS verified against the CA."""
     pw = {"grandmodel_app": "postgresql_app", "grandmodel_ro": "postgresql_ro"}[user]
     password = secret(pw) if password is None else password
     env = f"PGPASSWORD={password} " if password else ""
-    return host.run(f"{env}psql -X -w -At -v ON_ERROR_STOP=1 -h {hostname} -U {user} -d {DB} -c \"{sql}\"")
+    return host.run(f"{env}psql -X -w -At -v ON_ERROR_STOP=1 "
+                    f"'host={hostname} user={user} dbname={DB} {ssl}' -c \"{sql}\"")
 
 
 def superuser(host, sql: str, db: str = DB) -> str:
@@ -61,7 +65,7 @@ def redis(host, *args: str, user: str | None = "grandmodel_app"):
         pw = {"grandmodel_app": "redis_app", "grandmodel_admin": "redis_admin"}[user]
         auth = f"REDISCLI_AUTH={secret(pw)} "
     cmd = " ".join(args)
-    return host.run(f"{auth}redis-cli --no-auth-warning {'--user ' + user if user else ''} {cmd}")
+    return host.run(f"{auth}redis-cli -s {SOCKET} --no-auth-warning {'--user ' + user if user else ''} {cmd}")
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -80,12 +84,18 @@ def test_postgresql_sized_from_the_cgroup_not_the_machine(host):
     assert superuser(host, "SELECT count(*) FROM pg_file_settings WHERE error IS NOT NULL") == "0"
 
 
-def test_pg_hba_allows_scram_only(host):
+def test_pg_hba_allows_scram_only_and_network_logins_over_tls_only(host):
     hba = host.file("/etc/postgresql/15/main/pg_hba.conf")
     assert hba.user == "postgres" and hba.mode == 0o640
-    methods = {line.split()[-1] for line in hba.content_string.splitlines()
-               if line.strip() and not line.startswith("#")}
-    assert methods == {"peer", "scram-sha-256"}
+    rules = [line.split() for line in hba.content_string.splitlines() if line.strip() and not line.startswith("#")]
+    assert {rule[-1] for rule in rules} == {"peer", "scram-sha-256", "reject"}
+    # Every network rule is hostssl, behind the two that reject TCP without TLS; local rules stay.
+    network = [rule for rule in rules if rule[0] != "local"]
+    assert [rule[0] for rule in network[:2]] == ["hostnossl", "hostnossl"]
+    assert {rule[-1] for rule in network[:2]} == {"reject"}
+    assert {rule[3] for rule in network[:2]} == {"0.0.0.0/0", "::/0"}
+    assert {rule[0] for rule in network[2:]} == {"hostssl"}
+    assert {rule[0] for rule in rules} == {"local", "hostnossl", "hostssl"}
     assert superuser(host, "SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL") == "0"
     assert superuser(host, "SELECT count(*) FROM pg_authid WHERE (rolname LIKE 'grandmodel_%' OR rolname = "
                            "'monitoring') AND rolpassword NOT LIKE 'SCRAM-SHA-256$%'") == "0"
@@ -141,7 +151,7 @@ def test_pg_hba_refuses_an_address_outside_the_allowed_network(host, client, db_
     assert psql(host, "SELECT current_user", hostname=db_ip).stdout.strip() == "grandmodel_app"
     # ... from the client container the same credentials are refused by pg_hba.
     assert client.run(f"timeout 5 bash -c '</dev/tcp/{db_ip}/5432'").rc == 0, "port must be reachable"
-    refused = psql(client, "SELECT 1", hostname=db_ip)
+    refused = psql(client, "SELECT 1", hostname=db_ip, ssl="sslmode=require")
     client_ip = client.check_output("ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1")
     assert refused.rc != 0
     assert f'no pg_hba.conf entry for host "{client_ip}", user "grandmodel_app"' in refused.stderr
@@ -172,10 +182,11 @@ def test_pg_stat_statements_collects_queries(host):
 
 
 def monitoring_psql(host, sql: str, db: str = "postgres", hostname: str = "127.0.0.1", password: str | None = None):
-    """Run SQL as the exporter does: the monitoring login over TCP, sslmode=prefer."""
+    """Run SQL as the exporter does: the monitoring login over TCP, TLS verified against the CA."""
     password = secret("postgresql_monitoring") if password is None else password
     return host.run(f"PGPASSWORD={password} psql -X -w -At -v ON_ERROR_STOP=1 "
-                    f"'host={hostname} port=5432 dbname={db} user=monitoring sslmode=prefer' -c \"{sql}\"")
+                    f"'host={hostname} port=5432 dbname={db} user=monitoring sslmode=verify-full sslrootcert={CA}' "
+                    f"-c \"{sql}\"")
 
 
 def test_monitoring_login_reads_statistics_and_nothing_else(host, db_ip):
@@ -246,9 +257,9 @@ def test_redis_refuses_unauthenticated_clients(host):
     assert host.service("redis-server").is_running and host.service("redis-server").is_enabled
     ping = redis(host, "PING", user=None)
     assert "NOAUTH" in ping.stdout + ping.stderr
-    default = host.run("redis-cli --no-auth-warning --user default --pass anything PING")
+    default = host.run(f"redis-cli -s {SOCKET} --no-auth-warning --user default --pass anything PING")
     assert "WRONGPASS" in default.stdout + default.stderr or "AUTH failed" in default.stdout + default.stderr
-    wrong = host.run("redis-cli --no-auth-warning --user grandmodel_app --pass wrong-password PING")
+    wrong = host.run(f"redis-cli -s {SOCKET} --no-auth-warning --user grandmodel_app --pass wrong-password PING")
     assert "WRONGPASS" in wrong.stdout + wrong.stderr or "AUTH failed" in wrong.stdout + wrong.stderr
 
 
@@ -268,8 +279,8 @@ def test_redis_app_user_works_but_dangerous_commands_are_denied(host):
 
 def test_redis_monitoring_user_reads_server_statistics_only(host):
     def monitoring(command: str):
-        out = host.run(f"REDISCLI_AUTH={secret('redis_monitoring')} redis-cli --no-auth-warning --user monitoring "
-                       f"{command}")
+        out = host.run(f"REDISCLI_AUTH={secret('redis_monitoring')} redis-cli -s {SOCKET} --no-auth-warning "
+                       f"--user monitoring {command}")
         return out.stdout + out.stderr
 
     assert monitoring("PING").strip() == "PONG"
@@ -287,7 +298,7 @@ def test_redis_monitoring_user_reads_server_statistics_only(host):
     assert secret("redis_monitoring") not in host.file("/etc/redis/users.acl").content_string
 
 
-def test_redis_configuration_and_secrets_at_rest(host):
+def test_redis_configuration_and_secrets_at_rest(host, db_ip):
     maxmemory = redis(host, "CONFIG GET maxmemory", user="grandmodel_admin").stdout.split()
     assert maxmemory == ["maxmemory", str(16 * 1024 * 1024)]
     policy = redis(host, "CONFIG GET maxmemory-policy", user="grandmodel_admin").stdout.split()
@@ -298,8 +309,10 @@ def test_redis_configuration_and_secrets_at_rest(host):
     text = acl.content_string
     assert secret("redis_app") not in text and secret("redis_admin") not in text, "passwords stored hashed"
     assert text.startswith("user default off")
-    listeners = host.check_output("ss -Htlnp 'sport = :6379' | awk '{print $4}'").split()
-    assert set(listeners) <= {"127.0.0.1:6379", "[::1]:6379"}
+    # TLS only: nothing on the plaintext port, the TLS port on loopback and the scenario's host address.
+    assert host.check_output("ss -Htln 'sport = :6379'") == ""
+    listeners = host.check_output("ss -Htln 'sport = :6380' | awk '{print $4}'").split()
+    assert set(listeners) == {"127.0.0.1:6380", "[::1]:6380", f"{db_ip}:6380"}
 
 
 def test_redis_systemd_hardening(host):
@@ -327,7 +340,7 @@ def test_redis_kernel_settings_skipped_in_a_container_with_the_reason(host):
 def test_redis_keeps_data_across_a_restart(host):
     assert redis(host, "SET", "gm:durable", "survives").stdout.strip() == "OK"
     host.run_test("systemctl restart redis-server")
-    host.run_test("timeout 20 sh -c 'until redis-cli PING 2>&1 | grep -q NOAUTH; do sleep 0.2; done'")
+    host.run_test(f"timeout 20 sh -c 'until redis-cli -s {SOCKET} PING 2>&1 | grep -q NOAUTH; do sleep 0.2; done'")
     assert redis(host, "GET", "gm:durable").stdout.strip() == "survives"
 
 
@@ -385,7 +398,7 @@ def test_redis_honours_maxmemory(host):
     # Write about 4x the 16 MiB ceiling in bounded batches; allkeys-lru must evict, not grow.
     host.run_test("python3 -c \"import sys; [sys.stdout.write('SET gm:fill:%d %s\\r\\n' % (i, 'x' * 1024)) "
                   "for i in range(60000)]\" > /tmp/fill.txt")
-    fill = host.run(f"REDISCLI_AUTH={secret('redis_app')} timeout 60 redis-cli --no-auth-warning "
+    fill = host.run(f"REDISCLI_AUTH={secret('redis_app')} timeout 60 redis-cli -s {SOCKET} --no-auth-warning "
                     "--user grandmodel_app --pipe < /tmp/fill.txt")
     assert fill.rc == 0, fill.stderr
     info = redis(host, "INFO", user="grandmodel_admin").stdout
@@ -428,6 +441,17 @@ BAD_INPUTS = {
                                       "may only hold key, channel and command rules"),
     "tsdb-bad-retention": ("timescaledb", {"timescaledb_retention": "forever"}, "is not an interval like"),
     "tsdb-without-postgresql": ("timescaledb", {}, "apply quantnova.grandmodel.postgresql first"),
+    "pki-no-ca": ("pki", {"pki_ca_generate": False}, "pki needs a CA"),
+    "pki-cert-without-name": ("pki", {"entry_point_under_test": "certificate"},
+                              "pki_cert_name must be a plain file name such as 'postgresql' (got '')"),
+    "pki-cert-path-as-name": ("pki", {"entry_point_under_test": "certificate", "pki_cert_name": "../../etc/shadow"},
+                              "pki_cert_name must be a plain file name"),
+    "pki-key-without-cert": ("pki", {"entry_point_under_test": "certificate", "pki_cert_name": "x",
+                                     "pki_key_content": "not-a-key"}, "given together or not at all"),
+    "pki-renewal-beyond-validity": ("pki", {"entry_point_under_test": "certificate", "pki_cert_name": "x",
+                                            "pki_cert_renew_days": 400}, "must be below pki_cert_valid_days"),
+    "redis-bad-tls-auth-clients": ("redis", {**GOOD_REDIS, "redis_tls_auth_clients": "sometimes"},
+                                   "value of redis_tls_auth_clients must be one of"),
 }
 
 
@@ -666,3 +690,114 @@ def test_a_change_that_needs_a_restart_waits_until_allowed(host):
     assert postmaster_start(host) != started
     assert superuser(host, "SHOW shared_buffers") == "512MB"
     assert superuser(host, "SELECT count(*) FROM pg_settings WHERE pending_restart") == "0"
+
+
+# --- Encrypted data paths (issue 17, item 3) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def client_ip(client) -> str:
+    return client.check_output("ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1")
+
+
+@pytest.fixture(scope="module")
+def client_cas(host, client) -> tuple[str, str]:
+    """The run's CA certificate on the client (as any client is given it) and an impostor CA of the same name."""
+    good, wrong = "/tmp/gm-ca.crt", "/tmp/gm-wrong-ca.crt"
+    client.run_test(f"printf '%s\\n' '{host.file(CA).content_string.strip()}' > {good}")
+    client.run_test("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 "
+                    f"-subj '/CN=GrandModel internal CA' -keyout /tmp/gm-wrong-ca.key -out {wrong}")
+    return good, wrong
+
+
+def test_certificates_keys_stay_on_the_host_and_chain_to_the_ca(host, db_ip):
+    assert sorted(host.check_output(f"ls -1 {PKI}").split()) == [
+        "ca.crt", "postgresql.crt", "postgresql.key", "redis.crt", "redis.key"]
+    for name, owner in (("postgresql", "postgres"), ("redis", "redis")):
+        key, cert = host.file(f"{PKI}/{name}.key"), host.file(f"{PKI}/{name}.crt")
+        assert (key.user, key.group, key.mode) == (owner, owner, 0o600), name
+        assert (cert.user, cert.mode) == (owner, 0o644), name
+        assert host.check_output(f"openssl verify -CAfile {CA} {PKI}/{name}.crt") == f"{PKI}/{name}.crt: OK"
+        # The certificate is for the key made on the host.
+        assert host.check_output(f"openssl x509 -noout -pubkey -in {PKI}/{name}.crt") == host.check_output(
+            f"openssl pkey -pubout -in {PKI}/{name}.key")
+        sans = host.check_output(f"openssl x509 -noout -ext subjectAltName -in {PKI}/{name}.crt")
+        for san in ("DNS:gm-mol-data-db", "DNS:localhost", "IP Address:127.0.0.1", f"IP Address:{db_ip}"):
+            assert san in sans, f"{name}: {san} not in {sans}"
+    ca = host.file(CA)
+    assert (ca.user, ca.mode) == ("root", 0o644)
+    assert "CA:TRUE" in host.check_output(f"openssl x509 -noout -ext basicConstraints -in {CA}")
+    # The controller holds the CA and nothing of the hosts' keys; the CA key is for root only.
+    controller = SECRETS / "pki"
+    assert sorted(p.name for p in controller.iterdir()) == ["ca.crt", "ca.key"]
+    assert (controller / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert host.file(CA).content_string.strip() == (controller / "ca.crt").read_text().strip()
+
+
+def test_postgresql_refuses_plaintext_from_the_client(client, db_ip, client_ip):
+    plain = psql(client, "SELECT 1", user="grandmodel_ro", hostname=db_ip, ssl="sslmode=disable")
+    assert plain.rc != 0
+    assert (f'pg_hba.conf rejects connection for host "{client_ip}", user "grandmodel_ro", database "{DB}", '
+            "no encryption") in plain.stderr, plain.stderr
+    # The application role has no rule from the client's address, with or without TLS.
+    app = psql(client, "SELECT 1", hostname=db_ip, ssl="sslmode=disable")
+    assert app.rc != 0 and "rejects connection" in app.stderr and "no encryption" in app.stderr
+
+
+def test_postgresql_accepts_verify_full_and_refuses_a_wrong_ca_or_name(client, client_cas, db_ip):
+    good, wrong = client_cas
+    ok = psql(client, "SELECT ssl || ':' || version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+              user="grandmodel_ro", hostname=db_ip, ssl=f"sslmode=verify-full sslrootcert={good}")
+    assert ok.rc == 0, ok.stderr
+    assert ok.stdout.strip() == "true:TLSv1.3"
+    impostor = psql(client, "SELECT 1", user="grandmodel_ro", hostname=db_ip,
+                    ssl=f"sslmode=verify-full sslrootcert={wrong}")
+    assert impostor.rc != 0 and "certificate verify failed" in impostor.stderr, impostor.stderr
+    # The right CA but a name the certificate does not carry.
+    name = psql(client, "SELECT 1", user="grandmodel_ro", hostname=f"db.grandmodel.invalid hostaddr={db_ip}",
+                ssl=f"sslmode=verify-full sslrootcert={good}")
+    assert name.rc != 0 and 'does not match host name "db.grandmodel.invalid"' in name.stderr, name.stderr
+
+
+def test_redis_refuses_plaintext_from_the_client_and_answers_over_tls(client, client_cas, db_ip):
+    good, wrong = client_cas
+    auth = (f"REDISCLI_AUTH={secret('redis_app')} timeout 10 redis-cli --no-auth-warning --user grandmodel_app "
+            f"-h {db_ip}")
+    # No plaintext port at all, and the TLS port does not speak plaintext.
+    closed = client.run(f"{auth} -p 6379 PING")
+    assert "Connection refused" in closed.stdout + closed.stderr, closed.stdout + closed.stderr
+    plain = client.run(f"{auth} -p 6380 PING")
+    assert "PONG" not in plain.stdout, plain.stdout
+    # TLS verified against the CA, with the password: the application user reads and writes.
+    tls = f"{auth} -p 6380 --tls --cacert {good}"
+    assert client.run(f"{tls} SET gm:tls:probe over-tls").stdout.strip() == "OK"
+    assert client.run(f"{tls} GET gm:tls:probe").stdout.strip() == "over-tls"
+    anonymous = client.run(f"timeout 10 redis-cli -h {db_ip} -p 6380 --tls --cacert {good} PING")
+    assert "NOAUTH" in anonymous.stdout + anonymous.stderr
+    impostor = client.run(f"{auth} -p 6380 --tls --cacert {wrong} PING")
+    assert "PONG" not in impostor.stdout and "certificate verify failed" in impostor.stdout + impostor.stderr, (
+        impostor.stdout + impostor.stderr)
+
+
+def test_certificate_renewal_reissues_on_new_names_and_in_the_window(host):
+    proc = playbook(SCENARIO_DIR / "pki_renewal.yml")
+    assert proc.returncode == 0, flat(proc)[-3000:]
+    steps = json.loads(re.search(r"pki_steps=(\[.*?\])\"", proc.stdout).group(1).replace('\\"', '"'))
+    assert [step["changed"] for step in steps] == [True, True, True], steps
+    assert len({step["serial"] for step in steps}) == 3, steps
+    assert len({step["key"] for step in steps}) == 1, "the host's key was kept through every re-issue"
+    probe = f"openssl x509 -noout -in {PKI}/probe.crt"
+    assert "DNS:probe.grandmodel.test" in host.check_output(f"{probe} -ext subjectAltName")
+    # Renewed for a year: it does not end within the next 300 days; still for the key made at the start.
+    assert host.run(f"{probe} -checkend {300 * 86400}").rc == 0
+    assert host.check_output(f"{probe} -pubkey") == host.check_output(f"openssl pkey -pubout -in {PKI}/probe.key")
+    host.run_test(f"rm -f {PKI}/probe.crt {PKI}/probe.key")
+
+
+def test_exporters_read_the_servers_over_verified_tls(host):
+    settings = host.file("/etc/default/prometheus-postgres-exporter").content_string
+    assert f"sslmode=verify-full&sslrootcert={CA}" in settings
+    assert "rediss://127.0.0.1:6380" in host.file("/etc/default/prometheus-redis-exporter").content_string
+    # Both exporters are up: they reached their server, which takes TCP logins over TLS only.
+    metrics = host.check_output("timeout 20 sh -c 'until curl -fsS http://127.0.0.1:9187/metrics | grep -qx "
+                                "\"pg_up 1\"; do sleep 1; done; curl -fsS http://127.0.0.1:9121/metrics'")
+    assert re.search(r"^redis_up 1$", metrics, re.M), "redis exporter is not up"
