@@ -4,6 +4,7 @@ the exporters and promtool, never Ansible's word."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -28,11 +29,69 @@ def monitored():
                               ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
 
 
+# Web login of Prometheus and Alertmanager: the user, and the file on the monitoring host holding the
+# password the role wrote for Prometheus' own scrapes. Tests log in with that file, so no password
+# appears in a command line or in this run's output.
+WEB_USER = "grandmodel"
+OWN_LOGIN = f"{WEB_USER}:/etc/prometheus/web-login"
+NO_LOGIN = "none"
+WRONG_LOGIN = f"{WEB_USER}:not-the-password-0123456789"
+FETCHER = "/usr/local/bin/gm-test-fetch"
+# GETs each (url, login) and prints [status, body] per request as JSON; a login is "none",
+# "user:/path/of/a/password/file" or "user:literal" (the wrong password).
+FETCH = r"""#!/usr/bin/python3
+import base64, json, sys, urllib.error, urllib.request
+answers = []
+for url, login in json.loads(sys.argv[1]):
+    request = urllib.request.Request(url)
+    if login != "none":
+        user, secret = login.split(":", 1)
+        if secret.startswith("/"):
+            secret = open(secret).read()
+        token = base64.b64encode(f"{user}:{secret}".encode()).decode()
+        request.add_header("Authorization", "Basic " + token)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            answers.append([answer.status, answer.read().decode()])
+    except urllib.error.HTTPError as error:
+        answers.append([error.code, error.read().decode()])
+print(json.dumps(answers))
+"""
+
+
+def controller_secret(name: str) -> str:
+    """A password the scenario generated on the controller (molecule.yml's password lookups)."""
+    return (Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / name).read_text().split()[0]
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def install_fetcher(*hosts) -> None:
+    encoded = base64.b64encode(FETCH.encode()).decode()
+    for h in hosts:
+        h.check_output(f"echo {encoded} | base64 -d > {FETCHER} && chmod 0755 {FETCHER}")
+
+
+def fetch_all(host, requests: list[tuple[str, str]]) -> list[tuple[int, str]]:
+    """GET every (url, login) from inside `host` in one round trip."""
+    out = host.check_output(f"{FETCHER} %s", json.dumps(requests))
+    return [(status, body) for status, body in json.loads(out)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fetcher(monitored):
+    # Not the `host` fixture: an autouse fixture using it would parametrize every test by host.
+    install_fetcher(testinfra.get_host("ansible://gm-mol-monitoring",
+                                       ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"]), monitored)
+
+
 def api(host, url: str) -> dict:
-    """GET a JSON API from inside the monitoring host (its services listen there)."""
-    fetch = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
-    out = host.check_output(f"python3 -c '{fetch}' %s", url)
-    return json.loads(out)
+    """GET a JSON API from inside the monitoring host (its services listen there), logged in."""
+    [(status, body)] = fetch_all(host, [(url, OWN_LOGIN)])
+    assert status == 200, (url, status, body)
+    return json.loads(body)
 
 
 def query(host, promql: str) -> list[dict]:
@@ -68,6 +127,51 @@ def test_services_running_with_configured_flags(host, monitored):
     flags = api(host, "http://127.0.0.1:9090/api/v1/status/flags")["data"]
     assert flags["storage.tsdb.retention.time"] == "1d"
     assert flags["storage.tsdb.retention.size"] == "512MiB"  # Prometheus reads MB as 2^20 bytes
+
+
+PROMETHEUS_PATHS = ["/api/v1/query?query=up", "/api/v1/status/config", "/metrics", "/graph", "/-/healthy", "/-/ready"]
+ALERTMANAGER_PATHS = ["/api/v2/status", "/api/v2/silences", "/metrics", "/-/healthy", "/-/ready"]
+
+
+def endpoints(address: str) -> list[str]:
+    return ([f"http://{address}:9090{p}" for p in PROMETHEUS_PATHS]
+            + [f"http://{address}:9093{p}" for p in ALERTMANAGER_PATHS])
+
+
+def test_web_endpoints_answer_only_the_right_login(host, monitored):
+    # From the monitored host, over the network: no login and a wrong password are refused on every
+    # endpoint, /-/healthy and /-/ready included (a health probe needs the login too).
+    urls = endpoints("gm-mol-monitoring")
+    asked = [(u, login) for login in (NO_LOGIN, WRONG_LOGIN) for u in urls]
+    refused = fetch_all(monitored, asked)
+    statuses = {f"{login.split(':')[-1]} {u}": status for (u, login), (status, _) in zip(asked, refused, strict=True)}
+    assert set(statuses.values()) == {401}, statuses
+    assert all("Unauthorized" in body for _, body in refused), refused[0]
+    # On the monitoring host, to its network address and to loopback, the role's login is served.
+    asked = [(u, OWN_LOGIN) for u in urls + endpoints("127.0.0.1")]
+    served = {u: status for (u, _), (status, _) in zip(asked, fetch_all(host, asked), strict=True)}
+    assert set(served.values()) == {200}, served
+    # A wrong user with the right password is refused as well.
+    [(status, _)] = fetch_all(host, [("http://127.0.0.1:9090/api/v1/query?query=up",
+                                      "intruder:/etc/prometheus/web-login")])
+    assert status == 401
+
+
+def test_only_bcrypt_hashes_of_the_generated_password_are_stored(host):
+    files = "/etc/prometheus/web-login /etc/prometheus/web-config.yml"
+    assert host.check_output(f"stat -c '%U %G %a' {files}").splitlines() == ["root prometheus 640"] * 2
+    # The password Prometheus logs in with is the one the scenario generated (compared by digest).
+    on_host = host.check_output("sha256sum < /etc/prometheus/web-login").split()[0]
+    assert on_host == digest(controller_secret("monitoring_web_password"))
+    users = yaml.safe_load(host.check_output("cat /etc/prometheus/web-config.yml"))["basic_auth_users"]
+    assert list(users) == [WEB_USER] and users[WEB_USER].startswith("$2b$12$"), users
+    # Both services run with it, and no other file of theirs holds the password in plaintext.
+    args = host.check_output("for unit in prometheus prometheus-alertmanager; do"
+                             " tr '\\0' ' ' < /proc/$(systemctl show -p MainPID --value $unit)/cmdline; echo; done")
+    assert args.count("--web.config.file=/etc/prometheus/web-config.yml") == 2, args
+    holders = host.run("grep -rlF -f /etc/prometheus/web-login /etc/prometheus /etc/default /var/lib/prometheus"
+                       " --exclude-dir=metrics2")
+    assert holders.stdout.split() == ["/etc/prometheus/web-login"], holders.stdout
 
 
 def test_every_scrape_target_is_up(host):
@@ -128,6 +232,12 @@ def test_deployed_rules_and_config_are_valid_and_loaded(host):
     # The scenario's `for:` override reached every alert; the source files keep the runbook values.
     assert {r["duration"] for g in groups for r in g["rules"] if r["type"] == "alerting"} == {4}
     assert all(g["interval"] == 2 for g in groups)
+    # Rules are evaluated (in-process, no login needed) without errors, and recently.
+    assert {r["health"] for g in groups for r in g["rules"]} == {"ok"}, groups
+    assert all(g["lastEvaluation"][:4] == time.strftime("%Y", time.gmtime()) for g in groups), groups
+    # Prometheus logs in to Alertmanager: it is an active target of the alerting link.
+    active = api(host, "http://127.0.0.1:9090/api/v1/alertmanagers")["data"]["activeAlertmanagers"]
+    assert [a["url"] for a in active] == ["http://gm-mol-monitoring:9093/api/v2/alerts"], active
     status = api(host, "http://127.0.0.1:9093/api/v2/status")
     am = yaml.safe_load(status["config"]["original"])
     route = am["route"]["routes"][0]
@@ -225,10 +335,33 @@ def test_the_live_colour_not_answering_fires_whatever_the_warm_colour_does(host,
         switch_live_colour(monitored, "blue")
 
 
+def test_grafana_ini_binds_the_management_address_with_the_admin_password_and_no_anonymous_access(host):
+    import configparser
+
+    ini_file = host.file("/etc/grafana/grafana.ini")
+    assert (ini_file.user, ini_file.group, ini_file.mode) == ("root", "root", 0o640)
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read_string(ini_file.content_string)
+    address = host.check_output("ip -4 route get 1.1.1.1 | grep -o 'src [0-9.]*' | cut -d' ' -f2")
+    assert ini["server"]["http_addr"] == address and ini["server"]["http_port"] == "3000"
+    assert ini["auth.anonymous"]["enabled"] == "false"
+    assert ini["users"]["allow_sign_up"] == "false"
+    assert ini["security"]["admin_user"] == "admin"
+    admin = ini["security"]["admin_password"]
+    assert admin.startswith('"""') and admin.endswith('"""')
+    assert digest(admin.strip('"')) == digest(controller_secret("grafana_admin_password"))
+
+
 def test_grafana_provisioning_is_valid_and_every_panel_query_parses(host):
     assert not host.package("grafana").is_installed  # grafana_install is off here: files only
-    datasource = yaml.safe_load(host.file("/etc/grafana/provisioning/datasources/grandmodel.yml").content_string)
-    assert datasource["datasources"][0]["url"] == "http://127.0.0.1:9090"
+    source_file = host.file("/etc/grafana/provisioning/datasources/grandmodel.yml")
+    assert (source_file.user, source_file.group, source_file.mode) == ("root", "root", 0o640)
+    datasource = yaml.safe_load(source_file.content_string)
+    source = datasource["datasources"][0]
+    assert source["url"] == "http://127.0.0.1:9090"
+    # The datasource logs in to Prometheus with the web login (compared by digest, never printed).
+    assert (source["basicAuth"], source["basicAuthUser"]) == (True, WEB_USER)
+    assert digest(source["secureJsonData"]["basicAuthPassword"]) == digest(controller_secret("monitoring_web_password"))
     provider = yaml.safe_load(host.file("/etc/grafana/provisioning/dashboards/grandmodel.yml").content_string)
     folder = provider["providers"][0]["options"]["path"]
     assert folder == "/var/lib/grafana/dashboards/grandmodel"
@@ -271,13 +404,29 @@ BAD_INPUTS = [
                  "the Redis exporter needs exporters_redis_password", id="redis-empty-password"),
     pytest.param("grafana", None, {"grafana_prometheus_url": "prometheus"},
                  "grafana_prometheus_url must be an http(s) URL", id="grafana-bad-url"),
+    pytest.param("monitoring", None, {"monitoring_web_password": ""},
+                 "web login is not usable: monitoring_web_password is empty or shorter than 16 characters",
+                 id="web-password-unset"),
+    # Both problems in one run: the message lists every one of them.
+    pytest.param("grafana", None, {"grafana_admin_password": "", "grafana_http_addr": "0.0.0.0"},
+                 # (up to the quoted address: YAML output doubles single quotes)
+                 "grafana_admin_password is empty or shorter than 12 characters; grafana_http_addr",
+                 id="grafana-no-admin-password-all-interfaces"),
 ]
+
+# Files a refused run must leave as they were (and the login must still work after it).
+GUARDED = ["/etc/prometheus/web-config.yml", "/etc/prometheus/web-login", "/etc/default/prometheus",
+           "/etc/grafana/grafana.ini", "/etc/grafana/provisioning/datasources/grandmodel.yml"]
 
 
 @pytest.fixture(scope="module")
 def bad_input_runs():
     """Start every bad-input run and a check-mode run of the converge at once (each mostly waits on
     the containers), then collect the outputs. Runs after the alert tests have restored the hosts."""
+    # Not the `host` fixture: that would parametrize every test using this one by host.
+    monitoring = testinfra.get_host("ansible://gm-mol-monitoring",
+                                    ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+    before = monitoring.check_output("sha256sum " + " ".join(GUARDED))
     procs = {"check-mode": subprocess.Popen(
         ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO_DIR / "converge.yml"),
          "--check", "--diff"],
@@ -297,6 +446,7 @@ def bad_input_runs():
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
         results[name] = (proc.returncode, " ".join(out.split()))
+    results["guarded-before"] = (0, before)
     return results
 
 
@@ -314,3 +464,12 @@ def test_check_mode_reports_no_change_on_the_converged_hosts(bad_input_runs):
     assert returncode == 0, output
     recap = re.findall(r"(gm-mol-monitoring(?:-2)?) : ok=\d+ changed=(\d+) unreachable=0 failed=0", output)
     assert sorted(recap) == [("gm-mol-monitoring", "0"), ("gm-mol-monitoring-2", "0")], output
+
+
+def test_refused_inputs_changed_nothing_and_the_login_still_works(host, bad_input_runs):
+    _, before = bad_input_runs["guarded-before"]
+    assert host.check_output("sha256sum " + " ".join(GUARDED)) == before
+    answers = fetch_all(host, [("http://127.0.0.1:9090/-/ready", OWN_LOGIN),
+                               ("http://127.0.0.1:9093/-/ready", OWN_LOGIN),
+                               ("http://127.0.0.1:9090/-/ready", NO_LOGIN)])
+    assert [status for status, _ in answers] == [200, 200, 401]
