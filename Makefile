@@ -4,7 +4,7 @@
 #   make test   every check: lint, sanity, pytest, molecule scenarios (summary at the end)
 PY := .venv/bin/python
 
-.PHONY: setup doctor demo test bench bench-release lint readmes sandbox-up sandbox-down molecule-% clean
+.PHONY: setup doctor demo test bench bench-release lint readmes ee sandbox-up sandbox-down molecule-% clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,9 @@ demo: setup
 
 test: setup
 	@$(PY) scripts/run_checks.py
+
+ee: setup
+	@$(PY) scripts/build_ee.py
 
 readmes: setup
 	@$(PY) scripts/role_readmes.py

@@ -7,8 +7,9 @@ fresh-machine install test (scripts/fresh_machine.py), then each Molecule scenar
 hosts. Each step's full output goes to reports/<step>.log; a
 failed step's tail is printed right away. The last line reads "checks: N passed, N failed".
 
-Steps run in two lanes at once (--jobs 2, the default): the rollout scenario, the longest and mostly
-waiting on gates and load, with the data scenario in one lane; everything else in order in the other.
+Steps run in two lanes at once (--jobs 2, the default): the execution environment's build, then the
+rollout scenario (the longest, mostly waiting on gates and load, which runs a release inside that
+image) with the data scenario in one lane; everything else in order in the other.
 Scenarios never share hosts, networks or ports. --jobs 1 runs every step in order, alone (for
 timings).
 
@@ -91,6 +92,9 @@ def build_steps() -> list[Step]:
                                              "tests"], cwd=REPO / "model_service"))
     # The install closure on a machine that has never seen the project (nested podman).
     steps.append(Step("fresh-machine", [py, "scripts/fresh_machine.py"], timeout=1500))
+    # The execution environment AWX runs jobs in; the rollout scenario runs a release inside it, so it
+    # is built first in that scenario's lane.
+    steps.append(Step("execution-environment", [py, "scripts/build_ee.py"], timeout=1800, lane=1))
     for scenario in molecule_scenarios():
         steps.append(Step(f"molecule:{scenario}",
                           [str(VENV_BIN / "molecule"), "test", "-s", scenario], timeout=2400,

@@ -385,6 +385,76 @@ def test_emergency_switch_back_takes_seconds_with_zero_failed_requests(host):
     print(f"\nswitch_back.yml wall times: {timings} (load {os.getloadavg()[0]:.1f})")
 
 
+def ee_playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """ansible-playbook inside the execution environment (scripts/build_ee.py), as AWX runs a job.
+
+    The image's own ansible-core, collections (quantnova.grandmodel included, installed from its
+    tarball) and Python; the project checkout mounted read-only as AWX mounts a project; the hosts
+    reached over SSH on the scenario's network by name, as unprivileged uid 1000 with a copy of the key.
+    """
+    image = f"localhost/grandmodel-ee:{EE_VERSION}"
+    if subprocess.run(["podman", "image", "exists", image], check=False).returncode != 0:
+        pytest.fail(f"the execution environment {image} is not built: run scripts/build_ee.py (a step of make test)")
+    for name_ in (APP, LB):  # an SSH server listening on the network, as on a real host
+        subprocess.run(["podman", "exec", name_, "sh", "-c", "mkdir -p /run/sshd && (pgrep -x sshd >/dev/null"
+                        " || /usr/sbin/sshd -o ListenAddress=0.0.0.0)"], check=True, timeout=30)
+    # What the job needs from this run, where uid 1000 can read it (molecule keeps its files under /root):
+    # the inventory, the generated admin token its lookup reads, and the SSH key.
+    ephemeral = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
+    job = Path("/tmp/gm-mol-rollout-ee")
+    job.mkdir(mode=0o700, exist_ok=True)
+    inventory, key = job / "inventory.yml", job / "id_ed25519"
+    inventory.write_bytes(Path(os.environ["MOLECULE_INVENTORY_FILE"]).read_bytes())
+    (job / "admin_token").write_bytes((ephemeral / "admin_token").read_bytes())
+    key.write_bytes((PROJECT / ".ansible/sandbox/id_ed25519").read_bytes())
+    for path in (job, inventory, job / "admin_token", key):
+        os.chown(path, 1000, 0)
+    key.chmod(0o600)
+    cmd = ["podman", "run", "--rm", "--network", "gm-mol-rollout", "--user", "1000:0",
+           "-v", f"{PROJECT}:{PROJECT}:ro", "-v", f"{job}:{job}",
+           "-e", f"MOLECULE_EPHEMERAL_DIRECTORY={job}", "-e", "ANSIBLE_NOCOLOR=1", "-e", "HOME=/runner",
+           "-e", "ANSIBLE_LOCAL_TEMP=/tmp/ansible-local", "-e", "ANSIBLE_CACHE_PLUGIN_CONNECTION=/tmp/facts",
+           # The image's collections (quantnova.grandmodel from its tarball), not the checkout's copy.
+           "-e", "ANSIBLE_COLLECTIONS_PATH=/usr/share/ansible/collections",
+           # A worktree may link build/ (the release bundles) elsewhere: mount where it points too.
+           *(["-v", f"{(PROJECT / 'build').resolve()}:{(PROJECT / 'build').resolve()}:ro"]
+             if (PROJECT / "build").is_symlink() else []),
+           "-w", str(PROJECT), image,
+           "ansible-playbook", "-i", str(inventory), f"playbooks/{name}",
+           "-e", f"ansible_ssh_private_key_file={key}",
+           "-e", "ansible_ssh_common_args='-o IdentitiesOnly=yes -o StrictHostKeyChecking=no"
+           " -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ControlMaster=auto -o ControlPersist=60s"
+           " -o ControlPath=/tmp/ssh-%C'",
+           *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+
+
+EE_VERSION = re.search(r"^version:\s*(\S+)", (PROJECT / "ansible_collections/quantnova/grandmodel/galaxy.yml")
+                       .read_text(), re.M).group(1)  # type: ignore[union-attr]
+
+
+def test_a_release_and_a_switch_back_run_inside_the_execution_environment(host):
+    """What AWX does with a job template: rollout.yml, then switch_back.yml, inside the built image."""
+    before = len(records(host))
+
+    def jobs() -> list[subprocess.CompletedProcess[str]]:
+        release = ee_playbook("rollout.yml", "-e", "release_version=2026.11.1", "-e", "rollout_deploy=false")
+        if release.returncode != 0:
+            return [release]
+        return [release, ee_playbook("switch_back.yml")]
+
+    runs, report, elapsed = under_load(jobs)
+    summary = summarise("execution_environment", report, elapsed, ended=front_color())
+    for proc in runs:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert len(runs) == 2
+    new = records(host)[before:]
+    assert [r["outcome"] for r in new][:1] == ["success"], new
+    assert front_color() == "blue"
+    assert summary["color_sequence_settled"] == ["blue", "green", "blue"], summary
+    assert summary["failed"] == 0, summary
+
+
 # -- the fault matrix: promote green (2026.11.1, already deployed) over blue -------------------------
 
 PRE = {"start": 1, "middle": (PRE_COUNT + 1) // 2, "end": PRE_COUNT}
