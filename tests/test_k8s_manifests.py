@@ -214,7 +214,7 @@ def test_every_option_lands_where_it_should(rendered: Path) -> None:
                         "green.grandmodel.desk.example": "grandmodel-green"}
     assert set(ingress["spec"]["tls"][0]["hosts"]) == set(backends)
     egress = one(docs, "NetworkPolicy", "grandmodel-egress")["spec"]["egress"]
-    assert [sorted(p["port"] for p in rule["ports"]) for rule in egress] == [[53, 53], [6379, 26379], [5432]]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in egress] == [[53, 53], [6380, 26379], [5432]]
     assert egress[2]["to"] == [{"ipBlock": {"cidr": "10.20.2.5/32"}}, {"ipBlock": {"cidr": "fd00:20:2::5/128"}}]
     ingress_rules = one(docs, "NetworkPolicy", "grandmodel-ingress")["spec"]["ingress"]
     assert ingress_rules[-1]["from"] == [{"ipBlock": {"cidr": "10.20.0.10/32"}}, {"ipBlock": {"cidr": "10.20.0.11/32"}}]
