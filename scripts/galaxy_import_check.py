@@ -45,7 +45,8 @@ def main() -> int:
                    PATH=f"{GALAXY_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         proc = subprocess.run([str(GALAXY_BIN / "python"), "-m", "galaxy_importer.main", "--print-result",
                                str(tarball)],
-                              capture_output=True, text=True, env=env, check=False, timeout=900)
+                              capture_output=True, text=True, env=env, check=False, timeout=900,
+                              cwd=work)  # the importer leaves importer_result.json in its working directory
         output = proc.stdout + proc.stderr
         lines = [line for line in output.splitlines() if "Location 'file:" not in line]
         errors = [line for line in lines if line.startswith("ERROR")]
