@@ -297,13 +297,22 @@ def test_a_switch_killed_outright_is_undone_by_the_next_run(
 # -- no interleaving --------------------------------------------------------------------------------
 
 def test_two_switches_at_once_run_one_after_the_other(nginx: NginxUnderTest, tmp_path: Path) -> None:
-    # The first holds the lock through a verification of 40 answers (about 1 s); the second waits for it.
-    first = start_module(module_args(nginx, "green", verify_consecutive=40, verify_interval=0.02), tmp_path, "a")
-    wait_until(lambda: Path(str(nginx.upstream_file.parent / ".grandmodel_upstream.conf.lock")).exists()
-               and leftovers(nginx) != [], 20, "the first switch to hold the lock")
-    second = start_module(module_args(nginx, "blue"), tmp_path, "b")
-    impatient = start_module(module_args(nginx, "blue", lock_timeout=0.1), tmp_path, "c")
-    a, b, c = finish(first), finish(second), finish(impatient)
+    # The first holds the lock in its verification phase for as long as the test keeps its verify URL
+    # pending (no timing guess: a loaded machine only makes the hold longer); the second waits for it.
+    held = HeldVerifyUrl(nginx).start()
+    try:
+        first = start_module(module_args(nginx, "green", verify_url=held.url + "/version", verify_timeout=60),
+                             tmp_path, "a")
+        wait_until(lambda: serving_steadily(nginx, "green"), 20, "the first switch to hold the lock, verifying")
+        second = start_module(module_args(nginx, "blue"), tmp_path, "b")
+        impatient = start_module(module_args(nginx, "blue", lock_timeout=0.1), tmp_path, "c")
+        c = finish(impatient)  # refused while the first holds the lock: the lock really was held
+        time.sleep(1.0)  # the second, started before the impatient one, is polling for the lock by now
+        assert first.poll() is None and second.poll() is None
+        held.held = False
+        a, b = finish(first), finish(second)
+    finally:
+        held.stop()
     assert not a.get("failed") and not b.get("failed"), (a, b)
     assert a["lock"]["lock_waited_s"] < 0.5
     assert b["lock"]["lock_waited_s"] > 0.3  # it waited for the first switch to finish
