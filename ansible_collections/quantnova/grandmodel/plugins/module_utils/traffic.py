@@ -20,6 +20,7 @@ the next run before it plans anything.
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import datetime
 import errno
@@ -46,6 +47,8 @@ COLORS = ("blue", "green")
 HEADER = "# Managed by quantnova.grandmodel.traffic_switch: edit the colour with that module, not by hand."
 _ACTIVE_RE = re.compile(r"^#\s*active_color:\s*(\S+)\s*$", re.MULTILINE)
 _BACKUP_RE = re.compile(r"^#\s*backup_color:\s*(\S+)\s*$", re.MULTILINE)
+_WEIGHTS_RE = re.compile(r"^#\s*weights:\s*(.*?)\s*$", re.MULTILINE)
+_WEIGHT_ITEM_RE = re.compile(r"^([A-Za-z0-9_-]+)=(\d+)$")
 # While a colour is kept as backup, a primary that fails once is skipped for this long, so requests
 # go straight to the backup instead of each paying a connect or read timeout first.
 PRIMARY_FAIL_TIMEOUT = "5s"
@@ -64,28 +67,31 @@ class TrafficSwitchError(Exception):
 class TrafficState:
     """The live colour as a backend sees it, and where that knowledge came from."""
 
-    def __init__(self, active=None, previous=None, switched_at=None, source=None, backup=None):
+    def __init__(self, active=None, previous=None, switched_at=None, source=None, backup=None, weights=None):
         self.active = active
         self.previous = previous
         self.switched_at = switched_at
         self.source = source
         self.backup = backup
+        # {colour: percent} while the front door splits traffic (state=weighted), else None.
+        self.weights = weights
 
     def as_dict(self):
         return {"active": self.active, "previous": self.previous, "switched_at": self.switched_at,
-                "source": self.source, "backup": self.backup}
+                "source": self.source, "backup": self.backup, "weights": self.weights}
 
 
 class SwitchPlan:
     """What apply() would do: the state before, the colour wanted, the configuration before/after."""
 
-    def __init__(self, state, color, before, after, target, backup=None):
+    def __init__(self, state, color, before, after, target, backup=None, weights=None):
         self.state = state
         self.color = color
         self.before = before
         self.after = after
         self.target = target
         self.backup = backup
+        self.weights = weights
 
     @property
     def changed(self):
@@ -268,6 +274,104 @@ def render_upstream(upstream_name, color, addresses, keepalive, backup_color=Non
     return "\n".join(lines) + "\n"
 
 
+def format_weights(weights):
+    """`blue=90 green=10`: the weights as the upstream file's header records them (colour order)."""
+    return " ".join("%s=%d" % (color, weights[color]) for color in COLORS if color in weights)
+
+
+def check_weights(weights, backends=None):
+    """{colour: percent} for every colour, after checking `weights`; TrafficSwitchError saying what to fix.
+
+    Whole numbers from 0 to 100 (a colour left out has 0), only known colours, adding up to 100; with
+    `backends`, every colour given more than 0 must have an address there. Weighted traffic is never an
+    empty upstream: the sum rule leaves at least one colour above 0.
+    """
+    if not isinstance(weights, dict) or not weights:
+        raise TrafficSwitchError("weights must map colours to percentages, for example {blue: 90, green: 10} (got %r)"
+                                 % (weights,))
+    unknown = sorted(str(color) for color in weights if color not in COLORS)
+    if unknown:
+        raise TrafficSwitchError("weights names the unknown colour %s; the colours are %s"
+                                 % (", ".join(unknown), ", ".join(COLORS)))
+    checked = {}
+    for color in COLORS:
+        value = weights.get(color, 0)
+        if isinstance(value, bool):
+            raise TrafficSwitchError("weights.%s must be a whole number from 0 to 100 (got %r)" % (color, value))
+        checked[color] = check_number("weights.%s" % color, value, minimum=0, maximum=100, integer=True)
+    total = sum(checked.values())
+    if total != 100:
+        raise TrafficSwitchError("weights must add up to 100 (got %s = %d)" % (
+            " + ".join("%s %d" % (color, checked[color]) for color in COLORS), total))
+    if backends is not None:
+        for color in COLORS:
+            if checked[color] and not (backends or {}).get(color):
+                raise TrafficSwitchError("weights gives %s %d%% but backends has no address for colour %s (known: %s)"
+                                         % (color, checked[color], color, ", ".join(sorted(backends or {})) or "none"))
+    return checked
+
+
+def weighted_active_color(weights, current=None):
+    """The colour a weighted upstream records as active: the largest weight; a tie keeps `current`.
+
+    A tie (50/50) keeps the colour that was live, so a release walking up still reads its old colour
+    as the live one at the half-way step, and the same weights render the same file on a second run.
+    """
+    top = max(weights.values())
+    tied = [color for color in COLORS if weights.get(color) == top]
+    return current if current in tied else tied[0]
+
+
+def _lcm(numbers):
+    result = 1
+    for number in numbers:
+        result = result * number // math.gcd(result, number)
+    return result
+
+
+def render_weighted_upstream(upstream_name, weights, backends, keepalive, active=None):
+    """The upstream block splitting traffic between colours by `weights` (percent per colour).
+
+    nginx weighs servers, not colours: each server of a colour gets an equal part of its colour's
+    weight, scaled by the least common multiple of the server counts so the parts stay whole numbers
+    (blue 90 on two servers and green 10 on one: weight=90 twice and weight=20 once, 180:20 = 90:10).
+    A colour at 0 gets no server line. With two colours taking traffic, a server that fails once is
+    skipped for PRIMARY_FAIL_TIMEOUT and the site's proxy_next_upstream retries the request on the
+    other colour; a colour alone at 100 is never marked failed (max_fails=0), as render_upstream does.
+    """
+    if not _NAME_RE.match(upstream_name):
+        raise TrafficSwitchError("cannot render upstream %r: the name may hold only letters, digits, '_', '.', '-'"
+                                 % upstream_name)
+    weights = check_weights(weights, backends)
+    active = weighted_active_color(weights, active)
+    serving = [color for color in COLORS if weights[color]]
+    scale = _lcm(len(backends[color]) for color in serving)
+    lines = [HEADER, "# active_color: %s" % active, "# weights: %s" % format_weights(weights),
+             "upstream %s {" % upstream_name]
+    fails = "max_fails=1 fail_timeout=%s" % PRIMARY_FAIL_TIMEOUT if len(serving) > 1 else "max_fails=0"
+    for color in serving:
+        addresses = backends[color]
+        per_server = weights[color] * scale // len(addresses)
+        lines += _server_lines(upstream_name, color, addresses, "weight=%d %s" % (per_server, fails))
+    if keepalive:
+        lines.append("    keepalive %d;" % keepalive)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_weights(text):
+    """The weights a weighted upstream file records ({colour: percent}), or None for a one-colour file."""
+    match = _WEIGHTS_RE.search(text or "")
+    if not match:
+        return None
+    weights = {}
+    for item in match.group(1).split():
+        found = _WEIGHT_ITEM_RE.match(item)
+        if found:
+            weights[found.group(1)] = int(found.group(2))
+    return weights or None
+
+
 def parse_active_color(text):
     match = _ACTIVE_RE.search(text or "")
     return match.group(1) if match else None
@@ -395,8 +499,10 @@ class StateFile:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def write(self, active, previous, backup=None):
+    def write(self, active, previous, backup=None, weights=None):
         record = {"active": active, "previous": previous, "backup": backup, "switched_at": _now()}
+        if weights is not None:
+            record["weights"] = weights
         atomic_write(self.module, self.path, json.dumps(record, indent=2, sort_keys=True) + "\n", mode=0o644)
         return record
 
@@ -431,11 +537,15 @@ class FrontDoorVerifier:
     """
 
     def __init__(self, url, *, timeout=10.0, consecutive=3, validate_certs=True, interval=0.1,
-                 request_timeout=2.0, sleep=time.sleep, clock=time.monotonic):
+                 request_timeout=2.0, sleep=time.sleep, clock=time.monotonic, weight_sample=200,
+                 weight_tolerance=10.0):
         self.url = url
         self.timeout = check_number("verify_timeout", timeout, above=0)
         self.consecutive = check_number("verify_consecutive", consecutive, minimum=1, integer=True)
         self.interval = check_number("verify_interval", interval, minimum=0)
+        self.weight_sample = check_number("verify_weight_sample", weight_sample, minimum=10, maximum=10000,
+                                          integer=True)
+        self.weight_tolerance = check_number("verify_weight_tolerance", weight_tolerance, minimum=0, maximum=100)
         request_timeout = check_number("verify request timeout", request_timeout, above=0)
         self.client = HttpClient(timeout=request_timeout, validate_certs=validate_certs)
         self.sleep = sleep
@@ -491,6 +601,69 @@ class FrontDoorVerifier:
                     "%s did not answer color %s %d times in a row within %.1fs (answers, last first: %s)"
                     % (self.url, color, self.consecutive, self.timeout, seen), verification=evidence)
             self.sleep(self.interval)
+
+
+    def weight_window(self, weights):
+        """Answers judged at once: verify_weight_sample, and enough that the smallest weight expects 3."""
+        smallest = min(weight for weight in weights.values() if weight > 0)
+        return max(self.weight_sample, -(-300 // smallest))
+
+    def _split_problems(self, counts, weights, window):
+        problems = []
+        strangers = {answer: n for answer, n in counts.items() if not weights.get(answer)}
+        if strangers:
+            problems.append("answers from outside the split: %s" % ", ".join(
+                "%s x%d" % (answer, n) for answer, n in sorted(strangers.items())))
+        for color in COLORS:
+            weight = weights.get(color, 0)
+            if not weight:
+                continue
+            share = 100.0 * counts.get(color, 0) / window
+            if not counts.get(color):
+                problems.append("%s (weight %d) never answered" % (color, weight))
+            elif abs(share - weight) > self.weight_tolerance:
+                problems.append("%s answered %.1f%% for weight %d (tolerance %g points)"
+                                % (color, share, weight, self.weight_tolerance))
+        return problems
+
+    def verify_weights(self, weights):
+        """GET the URL until the last `window` answers split by `weights`; evidence or TrafficSwitchError.
+
+        The window passes when it holds only colours with a weight above 0 (no colour at 0, no error),
+        each of them at least once, and each colour's share within weight_tolerance percentage points of
+        its weight. The window slides one answer at a time, so the answers of old nginx workers still
+        draining after the reload only delay the verdict. Requests go back to back (no interval).
+        """
+        window = self.weight_window(weights)
+        started = self.clock()
+        recent = collections.deque(maxlen=window)
+        seen = {}  # answer -> [count, first_seen_s]
+        requests = 0
+        while True:
+            answer = self._answer()
+            requests += 1
+            elapsed = self.clock() - started
+            recent.append(answer)
+            seen.setdefault(answer, [0, round(elapsed, 3)])[0] += 1
+            full = len(recent) == window
+            counts = collections.Counter(recent)
+            problems = self._split_problems(counts, weights, window) if full else []
+            done = full and not problems
+            if done or elapsed >= self.timeout:
+                evidence = {
+                    "url": self.url, "expected_weights": dict(weights), "requests": requests,
+                    "answers": [{"answer": a, "count": n, "first_seen_s": t} for a, (n, t) in seen.items()],
+                    "window": window, "window_counts": dict(sorted(counts.items())),
+                    "window_shares": {a: round(100.0 * n / len(recent), 1) for a, n in sorted(counts.items())},
+                    "tolerance_points": self.weight_tolerance, "elapsed_s": round(elapsed, 3), "verified": done,
+                }
+                if done:
+                    return evidence
+                if not full:
+                    problems = ["only %d answers in %.1fs, %d needed" % (len(recent), self.timeout, window)]
+                raise TrafficSwitchError("%s did not split traffic as %s within %.1fs over the last %d answers: %s"
+                                         % (self.url, format_weights(weights), self.timeout, window,
+                                            "; ".join(problems)), verification=evidence)
 
 
 # -- nginx configuration test of a candidate ------------------------------------------------------
@@ -715,6 +888,8 @@ class NginxBackend(TrafficBackend):
         journal = self._journal()
         if journal is None:
             return None
+        weights = journal.get("weights")
+        target = "weights %s" % format_weights(weights) if isinstance(weights, dict) else journal.get("color")
         done = []
         if journal.get("replaced"):
             if journal.get("before_existed"):
@@ -722,7 +897,7 @@ class NginxBackend(TrafficBackend):
                 if previous is None:
                     raise TrafficSwitchError(
                         "a switch to %s (pid %s, %s) died before finishing and its backup %s is gone: check %s by "
-                        "hand, then remove %s" % (journal.get("color"), journal.get("pid"), journal.get("started"),
+                        "hand, then remove %s" % (target, journal.get("pid"), journal.get("started"),
                                                   self.backup_file, self.upstream_file, self.journal_file))
                 atomic_write(self.module, self.upstream_file, previous)
                 done.append("restored %s from %s" % (self.upstream_file, self.backup_file))
@@ -736,10 +911,11 @@ class NginxBackend(TrafficBackend):
                 _unlink_quietly(leftover)
         _unlink_quietly(self.journal_file)
         return "a switch to %s (pid %s, started %s) had died without finishing: %s" % (
-            journal.get("color"), journal.get("pid"), journal.get("started"), "; ".join(done) or "nothing was live yet")
+            target, journal.get("pid"), journal.get("started"), "; ".join(done) or "nothing was live yet")
 
     def _write_journal(self, plan, replaced):
-        record = {"pid": os.getpid(), "color": plan.color, "backup": plan.backup, "started": _now(),
+        record = {"pid": os.getpid(), "color": plan.color, "backup": plan.backup, "weights": plan.weights,
+                  "started": _now(),
                   "before_existed": plan.before is not None, "replaced": replaced, "candidate": self.candidate}
         atomic_write(self.module, self.journal_file, json.dumps(record, sort_keys=True) + "\n", mode=0o600)
 
@@ -760,10 +936,21 @@ class NginxBackend(TrafficBackend):
             # The file was switched by something else since our record: the record's active is the previous.
             previous = record.get("active")
         backup = parse_backup_color(text) if text is not None else record.get("backup")
+        weights = parse_weights(text) if text is not None else record.get("weights")
         return TrafficState(active=active, previous=previous, switched_at=record.get("switched_at"),
-                            source=source, backup=backup)
+                            source=source, backup=backup, weights=weights)
 
-    def plan(self, color, backup=None):
+    def plan_weighted(self, weights):
+        """The plan for splitting traffic by `weights`; the recorded active colour follows the largest weight."""
+        weights = check_weights(weights, self.backends)
+        state = self.read_state()
+        after = render_weighted_upstream(self.upstream_name, weights, self.backends, self.keepalive, state.active)
+        return SwitchPlan(state, parse_active_color(after), _read_text(self.upstream_file), after, self.upstream_file,
+                          weights=weights)
+
+    def plan(self, color, backup=None, weights=None):
+        if weights is not None:
+            return self.plan_weighted(weights)
         addresses = self.backends.get(color)
         if not addresses:
             raise TrafficSwitchError("cannot switch %s to %s: backends has no address for colour %s (known: %s)"
@@ -859,9 +1046,11 @@ class NginxBackend(TrafficBackend):
         self.reloaded = True  # a failed reload may have half-happened: reload again after restoring
         self._run(self.reload_cmd(), "nginx reload")
 
-    def verify(self, color):
+    def verify(self, color, weights=None):
         if self.verifier is None:
             return {"verified": False, "skipped": "no verify_url"}
+        if weights is not None:
+            return self.verifier.verify_weights(weights)
         return self.verifier.verify(color)
 
     def restore(self, plan):
@@ -885,7 +1074,8 @@ class NginxBackend(TrafficBackend):
         return "; ".join(done)
 
     def record_switch(self, color, previous):
-        return self.state.write(color, previous, parse_backup_color(_read_text(self.upstream_file)))
+        text = _read_text(self.upstream_file)
+        return self.state.write(color, previous, parse_backup_color(text), weights=parse_weights(text))
 
     def export_state(self):
         """Write the live and backup colour for node_exporter's textfile collector; True when it changed."""
@@ -904,8 +1094,11 @@ class NginxBackend(TrafficBackend):
         return True
 
 
-def switch_traffic(backend, color, check_mode=False, want_diff=False, backup_color=None):
+def switch_traffic(backend, color, check_mode=False, want_diff=False, backup_color=None, weights=None):
     """Lock, plan, apply, verify; on ANY failure or interrupt restore, then raise.
+
+    With `weights` ({colour: percent}, backends that split traffic only) the front door is split
+    between the colours instead, `color` is ignored and the plan names the colour recorded as active.
 
     A TrafficSwitchError or an interrupting signal is raised as TrafficSwitchError carrying the evidence;
     anything else (a bug, KeyboardInterrupt) is re-raised as it was, after the restore.
@@ -913,7 +1106,13 @@ def switch_traffic(backend, color, check_mode=False, want_diff=False, backup_col
     lock = contextlib.nullcontext({}) if check_mode else backend.lock()
     with lock as lock_evidence:
         recovered = None if check_mode else backend.recover()
-        plan = backend.plan(color, backup=backup_color) if backup_color else backend.plan(color)
+        if weights is not None:
+            plan = backend.plan(color, weights=weights)
+            color = plan.color
+            wanted = "weights %s" % format_weights(plan.weights)
+        else:
+            plan = backend.plan(color, backup=backup_color) if backup_color else backend.plan(color)
+            wanted = color
         state = plan.state
         result = {
             "changed": plan.changed,
@@ -924,6 +1123,8 @@ def switch_traffic(backend, color, check_mode=False, want_diff=False, backup_col
             "verification": {},
             "backend": backend.name,
         }
+        if weights is not None:
+            result["weights"] = plan.weights
         if lock_evidence:
             result["lock"] = lock_evidence
         if recovered:
@@ -933,7 +1134,7 @@ def switch_traffic(backend, color, check_mode=False, want_diff=False, backup_col
             result["diff"] = plan.diff()
         if recovered and not plan.changed:
             # The recovery reloaded nginx: prove the colour it put back answers, as after any switch.
-            result["verification"] = _verify_quietly(backend, color)
+            result["verification"] = _verify_quietly(backend, color, plan.weights)
             result["verified"] = bool(result["verification"].get("verified"))
             return result
         if not plan.changed or check_mode:
@@ -945,28 +1146,30 @@ def switch_traffic(backend, color, check_mode=False, want_diff=False, backup_col
             try:
                 backend.apply(plan)
                 phase = "verifying"
-                evidence = backend.verify(color)
+                evidence = _verify(backend, color, plan.weights)
                 guard.disarm()
             except BaseException as exc:  # restore on anything, then raise again
                 with guard.held_back():
                     restored, undo, restore_evidence = _restore_and_check(backend, plan, state)
                 note = "previous state restored (%s)" % undo if restored else undo
+                was = "weights %s" % format_weights(state.weights) if state.weights else state.active
                 if restore_evidence.get("verified"):
-                    note += "; %s answers again" % state.active
+                    note += "; %s answers again" % was
                 elif restored and restore_evidence and not restore_evidence.get("skipped"):
-                    note += "; WARNING: %s was not seen answering again (%s)" % (
-                        state.active, restore_evidence.get("error"))
+                    note += "; WARNING: %s was not seen answering again (%s)" % (was, restore_evidence.get("error"))
                 details = dict(active_color=state.active, previous_color=state.previous, restored=restored,
                                restore_verification=restore_evidence, phase=phase, **dict(lock_evidence or {}))
+                if weights is not None or state.weights is not None:
+                    details["weights"] = state.weights
                 if isinstance(exc, TrafficSwitchError):
                     extra = {k: v for k, v in exc.result.items() if k != "verification"}
                     message = "switching %s traffic to %s on %s failed: %s; %s" % (
-                        backend.name, color, plan.target, exc, note)
+                        backend.name, wanted, plan.target, exc, note)
                     raise TrafficSwitchError(message, verification=exc.result.get("verification", {}),
                                              **dict(details, **extra)) from exc
                 if isinstance(exc, SwitchInterrupted):
                     message = "switching %s traffic to %s on %s was %s while %s; %s" % (
-                        backend.name, color, plan.target, exc, phase, note)
+                        backend.name, wanted, plan.target, exc, phase, note)
                     raise TrafficSwitchError(message, interrupted=exc.signame, **details) from exc
                 if hasattr(exc, "add_note"):
                     exc.add_note("traffic_switch: %s while %s; %s" % (type(exc).__name__, phase, note))
@@ -992,12 +1195,17 @@ def _restore_and_check(backend, plan, state):
         return False, "restoring the previous state failed too: %s" % exc, {}
     restore_evidence = {}
     if state.active and plan.before is not None and getattr(backend, "reloaded", True):
-        restore_evidence = _verify_quietly(backend, state.active)
+        restore_evidence = _verify_quietly(backend, state.active, state.weights)
     return restored, undo, restore_evidence
 
 
-def _verify_quietly(backend, color):
+def _verify(backend, color, weights=None):
+    """The streak check of one colour, or with weights the split check (backends without weights never see it)."""
+    return backend.verify(color, weights=weights) if weights is not None else backend.verify(color)
+
+
+def _verify_quietly(backend, color, weights=None):
     try:
-        return backend.verify(color)
+        return _verify(backend, color, weights)
     except TrafficSwitchError as exc:
         return dict(exc.result.get("verification") or {}, verified=False, error=str(exc))

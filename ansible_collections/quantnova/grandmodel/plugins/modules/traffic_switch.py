@@ -393,6 +393,7 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic impor
     FrontDoorVerifier,
     NginxBackend,
     TrafficSwitchError,
+    check_weights,
     switch_traffic,
 )
 from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic_k8s import (
@@ -406,8 +407,9 @@ from ansible_collections.quantnova.grandmodel.plugins.module_utils.traffic_k8s i
 def argument_spec():
     return dict(
         backend=dict(type="str", choices=["nginx", "kubernetes"], default="nginx"),
-        state=dict(type="str", choices=["active", "previous", "query"], default="active"),
+        state=dict(type="str", choices=["active", "previous", "query", "weighted"], default="active"),
         color=dict(type="str", choices=list(COLORS)),
+        weights=dict(type="dict"),
         backup_color=dict(type="str", choices=list(COLORS)),
         upstream_file=dict(type="path"),
         upstream_name=dict(type="str", default="grandmodel_backend"),
@@ -422,6 +424,8 @@ def argument_spec():
         verify_timeout=dict(type="float", default=10.0),
         verify_consecutive=dict(type="int", default=3),
         verify_interval=dict(type="float", default=0.1),
+        verify_weight_sample=dict(type="int", default=200),
+        verify_weight_tolerance=dict(type="float", default=10.0),
         precheck_path=dict(type="str", default=""),
         precheck_timeout=dict(type="float", default=2.0),
         lock_timeout=dict(type="float", default=30.0),
@@ -439,7 +443,9 @@ def build_backend(module):
         verifier = FrontDoorVerifier(params["verify_url"], timeout=params["verify_timeout"],
                                      consecutive=params["verify_consecutive"],
                                      validate_certs=params["verify_validate_certs"],
-                                     interval=params["verify_interval"])
+                                     interval=params["verify_interval"],
+                                     weight_sample=params["verify_weight_sample"],
+                                     weight_tolerance=params["verify_weight_tolerance"])
     if params["backend"] == "kubernetes":
         return build_kubernetes_backend(params, verifier=verifier)
     return NginxBackend(
@@ -458,6 +464,7 @@ def main():
                            required_if=[("state", "active", ("color",)), ("backend", "nginx", ("upstream_file",))])
     params = module.params
     kubernetes = params["backend"] == "kubernetes"
+    _refuse_mixed_weight_options(module, params, kubernetes)
     if kubernetes and not HAS_KUBERNETES:
         module.fail_json(msg=missing_required_lib("kubernetes"), exception=KUBERNETES_IMPORT_ERROR)
     if not kubernetes and params["state"] != "query" and not params["backends"]:
@@ -474,8 +481,16 @@ def main():
             paths = dict(upstream_file=backend.upstream_file, state_file=backend.state.path)
         if params["state"] == "query":
             state = backend.read_state()
+            extra = {} if kubernetes else dict(weights=state.weights)
             module.exit_json(changed=False, active_color=state.active, previous_color=state.previous,
-                             backup_color=state.backup, switched_at=state.switched_at, source=state.source, **paths)
+                             backup_color=state.backup, switched_at=state.switched_at, source=state.source,
+                             **dict(extra, **paths))
+        if params["state"] == "weighted":
+            # Checked before the lock is taken: bad weights leave the directory exactly as it was.
+            weights = check_weights(params["weights"], params["backends"])
+            result = switch_traffic(backend, None, check_mode=module.check_mode, want_diff=module._diff,
+                                    weights=weights)
+            _finish(module, backend, params, result, paths)
         color = params["color"]
         if params["state"] == "previous":
             state = backend.read_state()
@@ -496,6 +511,32 @@ def main():
         if params["metrics_file"] and not module.check_mode and "backend" in locals():
             failure["metrics_changed"] = _export_quietly(backend, failure)
         module.fail_json(msg=str(exc), **failure)
+    _finish(module, backend, params, result, paths)
+
+
+def _refuse_mixed_weight_options(module, params, kubernetes):
+    """state=weighted takes weights and nothing that names one colour; weights belong to state=weighted only."""
+    state = params["state"]
+    if state != "weighted":
+        if params["weights"] is not None:
+            module.fail_json(msg="weights is for state=weighted (got state=%s); state=active sends all traffic to "
+                                 "color" % state)
+        return
+    if kubernetes:
+        module.fail_json(msg="state=weighted is for backend nginx: a Kubernetes Service selector cannot split "
+                             "traffic by weight")
+    if not params["weights"]:
+        module.fail_json(msg="state=weighted needs weights, the percentage of traffic per colour, for example "
+                             "{blue: 90, green: 10}")
+    for option in ("color", "backup_color"):
+        if params[option] is not None:
+            module.fail_json(msg="%s is for state=active; with state=weighted every colour with a weight above 0 "
+                                 "takes its share and a failed request is retried on the other (proxy_next_upstream)"
+                                 "; leave %s out" % (option, option))
+
+
+def _finish(module, backend, params, result, paths):
+    """Export the metrics (when asked) and exit with the result of a switch."""
     if params["metrics_file"] and not module.check_mode:
         try:
             result["metrics_changed"] = backend.export_state()
