@@ -507,8 +507,9 @@ class StateFile:
         return record
 
 
-def render_metrics(active, backup, colors, upstream_name):
-    """node_exporter textfile-collector lines: which colour takes traffic, which one is the warm backup."""
+def render_metrics(active, backup, colors, upstream_name, weights=None):
+    """node_exporter textfile-collector lines: which colour takes traffic, which one is the warm backup,
+    and the percentage of requests each colour is given (`weights` when split, else 100 for `active`)."""
     lines = [
         "# HELP grandmodel_traffic_active_color 1 for the colour the front door sends traffic to "
         "(quantnova.grandmodel.traffic_switch).",
@@ -524,6 +525,14 @@ def render_metrics(active, backup, colors, upstream_name):
     for color in colors:
         lines.append('grandmodel_traffic_backup_color{color="%s",upstream="%s"} %d'
                      % (color, upstream_name, 1 if color == backup else 0))
+    lines += [
+        "# HELP grandmodel_traffic_weight_percent Percent of the front door's requests given to the colour "
+        "(weighted steps; the live colour alone: 100, a backup: 0).",
+        "# TYPE grandmodel_traffic_weight_percent gauge",
+    ]
+    for color in colors:
+        share = (weights or {}).get(color, 0) if weights else (100 if color == active else 0)
+        lines.append('grandmodel_traffic_weight_percent{color="%s",upstream="%s"} %d' % (color, upstream_name, share))
     return "\n".join(lines) + "\n"
 
 
@@ -1005,25 +1014,31 @@ class NginxBackend(TrafficBackend):
 
         Switching to a colour that is down would send clients to it until the verification gives up
         (without a backup, each of those requests fails); asking each server first avoids that.
+        A weighted plan asks every server of every colour it gives a weight above 0.
         """
         if not self.precheck_path:
             return {}
+        colors = [color for color in COLORS if plan.weights.get(color)] if plan.weights else [plan.color]
         client = HttpClient(timeout=self.precheck_timeout)
-        answers, problems = {}, []
-        for address in self.backends.get(plan.color) or ():
-            url = "http://%s%s" % (str(address).strip(), self.precheck_path)
-            try:
-                response = client.get(url)
-                answers[address] = response.status
-                if response.status != 200:
-                    problems.append("%s answered %d" % (url, response.status))
-            except HttpProbeError as exc:
-                answers[address] = str(exc)
-                problems.append(str(exc))
+        answers, problems, not_ready = {}, [], []
+        for color in colors:
+            for address in self.backends.get(color) or ():
+                url = "http://%s%s" % (str(address).strip(), self.precheck_path)
+                try:
+                    response = client.get(url)
+                    answers[address] = response.status
+                    if response.status != 200:
+                        problems.append("%s answered %d" % (url, response.status))
+                except HttpProbeError as exc:
+                    answers[address] = str(exc)
+                    problems.append(str(exc))
+                if problems and color not in not_ready:
+                    not_ready.append(color)
         self.precheck_evidence = {"path": self.precheck_path, "answers": answers, "ready": not problems}
         if problems:
+            wanted = "weights %s" % format_weights(plan.weights) if plan.weights else plan.color
             raise TrafficSwitchError("refusing to switch %s to %s: not every server of %s is ready (%s); the live "
-                                     "upstream was not touched" % (self.upstream_file, plan.color, plan.color,
+                                     "upstream was not touched" % (self.upstream_file, wanted, " and ".join(not_ready),
                                                                    "; ".join(problems)),
                                      precheck=self.precheck_evidence)
         return self.precheck_evidence
@@ -1083,7 +1098,7 @@ class NginxBackend(TrafficBackend):
             return False
         state = self.read_state()
         colors = sorted(set(COLORS) | set(self.backends))
-        text = render_metrics(state.active, state.backup, colors, self.upstream_name)
+        text = render_metrics(state.active, state.backup, colors, self.upstream_name, state.weights)
         if _read_text(self.metrics_file) == text:
             return False
         directory = os.path.dirname(os.path.abspath(self.metrics_file))

@@ -31,6 +31,22 @@ description:
     warm colour at once. A live server that fails once is then skipped for 5 s. Switching without O(backup_color)
     removes the backup servers in the same atomic switch.
   - Requesting the colour that is already active with an identical upstream file changes nothing.
+  - With O(state=weighted) (O(backend=nginx) only) the front door splits the requests between the colours by
+    O(weights), for example 90 for blue and 10 for green in the first step of a release. Each server of a colour gets
+    an equal part of its colour's weight as nginx C(weight=) (scaled so the parts stay whole numbers); a colour
+    at 0 gets no server line, and the weights must add up to 100, so the upstream is never empty. The switch is
+    the same as for O(state=active) (lock, one atomic file, C(nginx -t) of the candidate inside the real
+    configuration, graceful reload, verification, restore on any failure or signal, recovery of a killed run).
+    The file records the weights in a comment line at its top, so the same weights again change nothing.
+  - A weighted switch is verified through O(verify_url) over a sliding window of the last
+    O(verify_weight_sample) answers (at least enough that the smallest weight expects 3 answers). It passes when
+    the window holds only colours with a weight above 0 (no colour at 0, no error), each of them at least once,
+    and each colour's share is within O(verify_weight_tolerance) percentage points of its weight. The requests
+    are made back to back; answers of old nginx workers still draining after the reload only delay the verdict.
+    Other clients' requests interleave with the window, so the share check is a coarse guard (the default 10
+    points over 200 answers is about 3 standard deviations at 50/50); the per-colour analysis of each step is
+    the fine one.
+  - O(state=active) after a weighted state writes the one-colour file exactly as before (byte for byte).
   - After a verified switch a small JSON record C({active, previous, backup, switched_at}) is written to
     O(state_file), and with O(metrics_file) the live and backup colour are exported for node_exporter's textfile
     collector (also after a restore, and when the file is missing or stale even if the upstream needs no change).
@@ -69,18 +85,33 @@ options:
       - V(active) makes O(color) the live colour.
       - V(previous) makes the colour that was live before the last recorded switch (RV(previous_color)) live again,
         the emergency switch-back that needs no other input than O(backends).
-      - V(query) only reads the live colour and changes nothing.
+      - V(query) only reads the live colour (and the weights of a weighted file) and changes nothing.
+      - V(weighted) splits the requests between the colours by O(weights) (O(backend=nginx) only).
     type: str
-    choices: [active, previous, query]
+    choices: [active, previous, query, weighted]
     default: active
   color:
-    description: The colour to make live. Required with O(state=active).
+    description:
+      - The colour to make live. Required with O(state=active).
+      - Not with O(state=weighted) (the colours and their shares are in O(weights)).
     type: str
     choices: [blue, green]
+  weights:
+    description:
+      - With O(state=weighted), the percentage of requests each colour gets, for example C(blue) 75 and C(green) 25.
+      - Whole numbers from 0 to 100 adding up to 100; only the colours V(blue) and V(green); a colour left out
+        gets 0. A colour above 0 needs addresses in O(backends); a colour at 0 gets no server line.
+      - The upstream file records as its active colour (RV(active_color)) the colour with the largest weight; at
+        a tie (50/50) the colour that was live stays the active one.
+      - Every check is made before anything is touched; a refused value names the colour and what to fix.
+      - Only with O(state=weighted).
+    type: dict
   backup_color:
     description:
       - A colour to keep in the upstream as nginx C(backup) behind O(color), for example the old colour during the
         warm window after a release. Must differ from the live colour and have addresses in O(backends).
+      - Not with O(state=weighted); every colour above 0 is a primary there, and the site's
+        C(proxy_next_upstream) retries a failed request on the other colour.
       - Omitted, the upstream holds only the live colour (a backup left by an earlier switch is removed).
     type: str
     choices: [blue, green]
@@ -142,11 +173,24 @@ options:
     description: Seconds between verification requests; 0 or more.
     type: float
     default: 0.1
+  verify_weight_sample:
+    description:
+      - With O(state=weighted), how many of the most recent answers through O(verify_url) are judged together
+        (10 to 10000). Raised automatically so the smallest weight above 0 expects 3 answers (1% needs 300).
+    type: int
+    default: 200
+  verify_weight_tolerance:
+    description:
+      - With O(state=weighted), how far (in percentage points, 0 to 100) a colour's share of the judged answers
+        may be from its weight.
+    type: float
+    default: 10.0
   precheck_path:
     description:
       - Path (for example V(/ready)) every server of the new colour must answer with 200, asked directly on its
         address in O(backends) before anything is touched. A server that does not fails the module with the
         live upstream untouched, so clients are never sent to a colour that is down.
+      - With O(state=weighted), every server of every colour with a weight above 0 is asked.
       - Empty (the default) skips the check.
     type: str
     default: ""
@@ -213,7 +257,9 @@ options:
       - File to write the live and backup colour to in Prometheus text format, for node_exporter's textfile
         collector, for example C(/var/lib/prometheus/node-exporter/grandmodel_traffic.prom). Its directory must
         exist. Gauges C(grandmodel_traffic_active_color{color,upstream}) and
-        C(grandmodel_traffic_backup_color{color,upstream}), 1 or 0 for each colour.
+        C(grandmodel_traffic_backup_color{color,upstream}), 1 or 0 for each colour, and
+        C(grandmodel_traffic_weight_percent{color,upstream}), the share of requests each colour is given (the
+        weights of O(state=weighted); otherwise 100 for the live colour, 0 for the others and a backup).
       - Empty (the default) exports nothing.
     type: path
   state_file:
@@ -243,6 +289,22 @@ EXAMPLES = r"""
     verify_validate_certs: false
   register: __rollout_switch
 
+- name: Send 10% of the predictions to green, 90% to blue (the first weighted step of a release)
+  quantnova.grandmodel.traffic_switch:
+    state: weighted
+    weights:
+      blue: 90
+      green: 10
+    upstream_file: /etc/nginx/conf.d/grandmodel_upstream.conf
+    backends:
+      blue: ["127.0.0.1:8001"]
+      green: ["127.0.0.1:8002"]
+    reload_command: [systemctl, reload, nginx]
+    verify_url: https://127.0.0.1/version
+    verify_validate_certs: false
+    precheck_path: /ready
+  register: __rollout_step
+
 - name: Read which colour is live
   quantnova.grandmodel.traffic_switch:
     state: query
@@ -252,7 +314,10 @@ EXAMPLES = r"""
 
 RETURN = r"""
 active_color:
-  description: The live colour after the run (with O(state=query), the colour read; V(null) if none is known).
+  description:
+    - The live colour after the run (with O(state=query), the colour read; V(null) if none is known).
+    - With O(state=weighted), and when a weighted file is read, the colour with the largest weight (at a tie, the
+      colour that was live before).
   returned: always
   type: str
   sample: green
@@ -283,6 +348,14 @@ source:
   returned: with O(state=query)
   type: str
   sample: upstream_file
+weights:
+  description:
+    - The percentage of requests per colour after the run, every colour named (O(state=weighted)), or as read from
+      the upstream file (O(state=query); V(null) when the file sends everything to one colour).
+    - On a failed weighted switch, the weights that were restored (V(null) when the restored file had one colour).
+  returned: with O(state=weighted), and with O(state=query) for backend nginx
+  type: dict
+  sample: {blue: 90, green: 10}
 verified:
   description: Whether the new colour was seen answering through O(verify_url) after this switch.
   returned: with O(state=active)
@@ -300,7 +373,9 @@ verification:
       description: The colour waited for.
       type: str
     answers:
-      description: Distinct successive answers (colour, HTTP status or error), how many times each, first seen when.
+      description:
+        - Distinct successive answers (colour, HTTP status or error), how many times each, first seen when.
+        - With O(state=weighted), each distinct answer once, with its count over all requests.
       type: list
       elements: dict
     requests:
@@ -318,6 +393,21 @@ verification:
     skipped:
       description: Why no verification ran (no change, check mode, no O(verify_url)).
       type: str
+    expected_weights:
+      description: With O(state=weighted), the split waited for.
+      type: dict
+    window:
+      description: With O(state=weighted), how many of the last answers were judged together.
+      type: int
+    window_counts:
+      description: With O(state=weighted), the answers in the judged window, per colour (or error).
+      type: dict
+    window_shares:
+      description: With O(state=weighted), the same in percent.
+      type: dict
+    tolerance_points:
+      description: With O(state=weighted), the allowed distance of a share from its weight.
+      type: float
   sample:
     url: http://127.0.0.1:8443/version
     expected_color: green

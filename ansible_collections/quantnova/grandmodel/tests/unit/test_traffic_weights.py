@@ -282,6 +282,37 @@ def test_bad_weights_are_refused_before_anything_is_touched(
     assert nginx.serving() == "blue"
 
 
+def test_every_colour_given_a_weight_must_be_ready_before_anything_is_touched(
+        nginx: NginxUnderTest, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    listing = unchanged_listing(nginx)
+    pids = workers(nginx)
+    dead = nginx.backends(green=[f"127.0.0.1:{free_port()}"])
+    refused = run_module(traffic_switch.main, weighted_args(nginx, split(10), backends=dead, precheck_path="/version"),
+                         capsys)
+    assert refused["failed"] is True and refused["precheck"]["ready"] is False
+    assert refused["msg"].startswith(f"switching nginx traffic to weights blue=90 green=10 on {nginx.upstream_file} "
+                                     f"failed: refusing to switch {nginx.upstream_file} to weights blue=90 green=10: "
+                                     "not every server of green is ready")
+    assert [name for name, _ino, _mtime in unchanged_listing(nginx)] == sorted(
+        [name for name, _ino, _mtime in listing] + [".grandmodel_upstream.conf.lock"])
+    assert nginx.upstream_file.read_text() == render_upstream(UPSTREAM, "blue", [f"127.0.0.1:{nginx.blue.port}"], 8)
+    assert workers(nginx) == pids
+    # Both colours ready: both are asked, and the metrics say the split.
+    metrics = tmp_path / "traffic.prom"
+    ok = run_module(traffic_switch.main, weighted_args(nginx, split(10), precheck_path="/version",
+                                                       metrics_file=str(metrics)), capsys)
+    assert not ok.get("failed"), ok
+    assert set(ok["precheck"]["answers"]) == {f"127.0.0.1:{nginx.blue.port}", f"127.0.0.1:{nginx.green.port}"}
+    text = metrics.read_text()
+    assert 'grandmodel_traffic_weight_percent{color="blue",upstream="grandmodel_backend"} 90' in text
+    assert 'grandmodel_traffic_weight_percent{color="green",upstream="grandmodel_backend"} 10' in text
+    assert 'grandmodel_traffic_active_color{color="blue",upstream="grandmodel_backend"} 1' in text
+    back = run_module(traffic_switch.main, base_args(nginx, color="green", metrics_file=str(metrics)), capsys)
+    assert not back.get("failed"), back
+    assert 'grandmodel_traffic_weight_percent{color="green",upstream="grandmodel_backend"} 100' in metrics.read_text()
+    assert 'grandmodel_traffic_weight_percent{color="blue",upstream="grandmodel_backend"} 0' in metrics.read_text()
+
+
 # -- restore on failure ------------------------------------------------------------------------------
 
 def test_a_refused_candidate_leaves_the_weighted_file_and_workers_alone(
