@@ -359,7 +359,8 @@ def test_a_split_that_does_not_answer_restores_the_previous_weights_with_no_fail
 def test_a_signal_while_verifying_a_split_restores_and_reports(
         nginx: NginxUnderTest, tmp_path: Path, signame: str) -> None:
     before = nginx.upstream_file.read_text()
-    held = HeldVerifyUrl(nginx).start()
+    held = HeldVerifyUrl(nginx)
+    held.start()
     proc = start_module(weighted_args(nginx, split(25), verify_url=held.url + "/version", verify_timeout=60),
                         tmp_path, "sig")
     try:
@@ -383,7 +384,8 @@ def test_a_signal_while_verifying_a_split_restores_and_reports(
 def test_a_weighted_switch_killed_outright_is_undone_by_the_next_run(
         nginx: NginxUnderTest, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = nginx.upstream_file.read_text()
-    held = HeldVerifyUrl(nginx).start()
+    held = HeldVerifyUrl(nginx)
+    held.start()
     proc = start_module(weighted_args(nginx, split(25), verify_url=held.url + "/version", verify_timeout=60),
                         tmp_path, "kill")
     try:
