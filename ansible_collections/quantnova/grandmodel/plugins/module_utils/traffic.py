@@ -611,7 +611,6 @@ class FrontDoorVerifier:
                     % (self.url, color, self.consecutive, self.timeout, seen), verification=evidence)
             self.sleep(self.interval)
 
-
     def weight_window(self, weights):
         """Answers judged at once: verify_weight_sample, and enough that the smallest weight expects 3."""
         smallest = min(weight for weight in weights.values() if weight > 0)
