@@ -711,8 +711,8 @@ def client_cas(host, client) -> tuple[str, str]:
 
 def test_certificates_keys_stay_on_the_host_and_chain_to_the_ca(host, db_ip):
     assert sorted(host.check_output(f"ls -1 {PKI}").split()) == [
-        "ca.crt", "postgresql.crt", "postgresql.key", "redis.crt", "redis.key"]
-    for name, owner in (("postgresql", "postgres"), ("redis", "redis")):
+        "ca.crt", "pgbackrest.crt", "pgbackrest.key", "postgresql.crt", "postgresql.key", "redis.crt", "redis.key"]
+    for name, owner in (("postgresql", "postgres"), ("redis", "redis"), ("pgbackrest", "postgres")):
         key, cert = host.file(f"{PKI}/{name}.key"), host.file(f"{PKI}/{name}.crt")
         assert (key.user, key.group, key.mode) == (owner, owner, 0o600), name
         assert (cert.user, cert.mode) == (owner, 0o644), name

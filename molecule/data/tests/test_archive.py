@@ -1,0 +1,110 @@
+"""pgBackRest on the real hosts, right after the converge: backups and WAL off the database host and the
+RPO of continuous archiving (issue 16, items 2 and 6).
+
+gm-mol-data-db is the database host; gm-mol-data-client is the repository host (group backup_repo).
+Named to run before test_data.py, on the server as the converge left it; test_pgbackrest.py (point-in-time
+recovery, which replaces the data directory) runs last.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import testinfra
+
+testinfra_hosts = ["podman://gm-mol-data-db"]
+
+DB = "grandmodel"
+DB_HOST = "gm-mol-data-db"
+STANZA = "grandmodel"
+REPO_PATH = "/var/lib/pgbackrest"
+ARCHIVE_TIMEOUT_S = 5  # postgresql_archive_timeout in molecule.yml
+
+
+@pytest.fixture(scope="module")
+def repo_host():
+    return testinfra.get_host("podman://gm-mol-data-client")
+
+
+def sql(host, query: str, db: str = DB) -> str:
+    return host.check_output(f"runuser -u postgres -- psql -X -At -v ON_ERROR_STOP=1 -d {db} -c \"{query}\"")
+
+
+def info(host, user: str) -> dict[str, object]:
+    out = host.check_output(f"runuser -u {user} -- pgbackrest --stanza={STANZA} --output=json info")
+    return json.loads(out)[0]
+
+
+def wait_archived(repo_host, segment: str, timeout_s: int = 60) -> float | None:
+    """Poll on the repository host until the WAL segment is in the archive: its clock time then, or None."""
+    pattern = f"{REPO_PATH}/archive/{STANZA}/15-*/{segment[:16]}/{segment}-*"
+    found = repo_host.run(
+        f"timeout {timeout_s} sh -c 'until ls {pattern} >/dev/null 2>&1; do sleep 0.05; done; date +%s.%N'")
+    return float(found.stdout) if found.rc == 0 else None
+
+
+def test_backup_is_on_the_repository_host_not_the_database_host(host, repo_host):
+    state = info(repo_host, "pgbackrest")
+    assert state["status"]["code"] == 0, state["status"]
+    full = [b for b in state["backup"] if b["type"] == "full"]
+    assert full, state["backup"]
+    label = full[-1]["label"]
+    # The files are on the repository host...
+    assert repo_host.file(f"{REPO_PATH}/backup/{STANZA}/{label}/backup.manifest").is_file
+    assert repo_host.file(f"{REPO_PATH}/backup/{STANZA}/{label}/pg_data").is_directory
+    # ...and not on the database host, which reads the same catalogue over TLS.
+    assert host.run(f"ls {REPO_PATH}/backup 2>/dev/null").stdout.strip() == ""
+    assert info(host, "postgres")["backup"][-1]["label"] == label
+    b = full[-1]
+    print(f"\nFIGURE backup {label}: database {b['info']['size']} B, repository {b['info']['repository']['delta']} B, "
+          f"took {b['timestamp']['stop'] - b['timestamp']['start']} s")
+
+
+def test_backup_timers_and_tls_servers_run(host, repo_host):
+    for unit in ("pgbackrest-backup-full.timer", "pgbackrest-backup-diff.timer", "pgbackrest-server.service"):
+        assert repo_host.service(unit).is_enabled and repo_host.service(unit).is_running, unit
+    assert host.service("pgbackrest-server.service").is_running
+    conf = repo_host.file("/etc/pgbackrest/pgbackrest.conf")
+    assert conf.mode == 0o640 and conf.group == "pgbackrest"
+    assert "repo1-retention-full=2" in conf.content_string
+    assert f"tls-server-auth={DB_HOST}={STANZA}" in conf.content_string
+    assert repo_host.file("/etc/grandmodel/pki/pgbackrest.key").mode == 0o600
+
+
+def test_a_certificate_the_server_does_not_allow_is_refused(host):
+    # The database host's TLS server accepts the repository host's CN only: the database host's own valid
+    # certificate (same CA, another CN) asking it for the repository gets nothing.
+    proc = host.run(f"runuser -u postgres -- pgbackrest --stanza={STANZA} --repo1-host=localhost info")
+    assert "access denied" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def archiving_state(host, repo_host) -> str:
+    """What to look at when a segment does not arrive: the archiver's counters and the last log lines."""
+    return "\n".join([
+        sql(host, "SELECT row_to_json(a)::text || ' insert ' || pg_current_wal_insert_lsn() FROM pg_stat_archiver a"),
+        host.run("tail -n 15 /var/log/postgresql/postgresql-15-main.log").stdout,
+        host.run("tail -n 15 /var/log/pgbackrest/grandmodel-archive-push.log").stdout,
+        repo_host.run(f"ls {REPO_PATH}/archive/{STANZA}/15-*/0000000*/ | tail -n 4").stdout,
+    ])
+
+
+def test_wal_is_archived_continuously_with_a_short_rpo(host, repo_host):
+    sql(host, "CREATE TABLE IF NOT EXISTS public.rpo_probe (id serial PRIMARY KEY)")
+    # A forced switch after a write: the segment is in the repository at once.
+    sql(host, "INSERT INTO public.rpo_probe DEFAULT VALUES")
+    segment = sql(host, "SELECT pg_walfile_name(pg_switch_wal())")
+    assert wait_archived(repo_host, segment, timeout_s=30), archiving_state(host, repo_host)
+    # A commit and nothing else: archive_timeout alone must bring its segment to the other host.
+    rpo = []
+    for _ in range(2):
+        out = sql(host, "WITH i AS (INSERT INTO public.rpo_probe DEFAULT VALUES RETURNING id) "
+                        "SELECT extract(epoch FROM clock_timestamp()) || ' ' "
+                        "|| pg_walfile_name(pg_current_wal_insert_lsn()) FROM i")
+        committed, segment = out.split()[0], out.split()[-1]
+        arrived = wait_archived(repo_host, segment, timeout_s=ARCHIVE_TIMEOUT_S + 25)
+        assert arrived, f"{segment} not archived: " + archiving_state(host, repo_host)
+        rpo.append(arrived - float(committed))
+    print(f"\nFIGURE RPO (commit -> its WAL segment in the repository, archive_timeout {ARCHIVE_TIMEOUT_S} s): "
+          + ", ".join(f"{r:.1f} s" for r in rpo))
+    assert max(rpo) < ARCHIVE_TIMEOUT_S + 10, rpo

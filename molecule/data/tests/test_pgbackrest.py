@@ -1,0 +1,155 @@
+"""Point-in-time recovery with pgBackRest on the real hosts: exact to a time between two writes, and never
+harming the live data when refused or failing (issue 16, items 2, 4 and 6).
+
+gm-mol-data-db is the database host; gm-mol-data-client is the repository host (group backup_repo).
+Runs after test_data.py: the successful PITR at the end replaces the data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import testinfra
+
+testinfra_hosts = ["podman://gm-mol-data-db"]
+
+REPO = Path(__file__).resolve().parent.parent.parent.parent
+DB = "grandmodel"
+DB_HOST = "gm-mol-data-db"
+STANZA = "grandmodel"
+REPO_PATH = "/var/lib/pgbackrest"
+PG_PATH = "/var/lib/postgresql/15/main"
+PITR = REPO / "playbooks" / "pitr_restore.yml"
+
+
+@pytest.fixture(scope="module")
+def repo_host():
+    return testinfra.get_host("podman://gm-mol-data-client")
+
+
+def sql(host, query: str, db: str = DB) -> str:
+    return host.check_output(f"runuser -u postgres -- psql -X -At -v ON_ERROR_STOP=1 -d {db} -c \"{query}\"")
+
+
+def pitr(**extra_vars: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(PITR), "-e", json.dumps(extra_vars)],
+        capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
+    )
+
+
+def flat(proc: subprocess.CompletedProcess[str]) -> str:
+    return " ".join((proc.stdout + proc.stderr).split())
+
+
+def wait_archived(repo_host, segment: str, timeout_s: int = 60) -> float | None:
+    """Poll on the repository host until the WAL segment is in the archive: its clock time then, or None."""
+    pattern = f"{REPO_PATH}/archive/{STANZA}/15-*/{segment[:16]}/{segment}-*"
+    found = repo_host.run(
+        f"timeout {timeout_s} sh -c 'until ls {pattern} >/dev/null 2>&1; do sleep 0.05; done; date +%s.%N'")
+    return float(found.stdout) if found.rc == 0 else None
+
+
+def archiving_state(host, repo_host) -> str:
+    """What to look at when a segment does not arrive: the archiver's counters and the last log lines."""
+    return "\n".join([
+        sql(host, "SELECT row_to_json(a)::text || ' insert ' || pg_current_wal_insert_lsn() FROM pg_stat_archiver a"),
+        host.run("tail -n 15 /var/log/postgresql/postgresql-15-main.log").stdout,
+        host.run("tail -n 15 /var/log/pgbackrest/grandmodel-archive-push.log").stdout,
+        repo_host.run(f"ls {REPO_PATH}/archive/{STANZA}/15-*/0000000*/ | tail -n 4").stdout,
+    ])
+
+
+@pytest.fixture(scope="module")
+def probe(host) -> dict[str, str]:
+    """Rows A, a target time, rows B; B's commit archived so recovery can see past the target."""
+    sql(host, "DROP TABLE IF EXISTS public.pitr_probe; CREATE TABLE public.pitr_probe (id int PRIMARY KEY, batch text)")
+    sql(host, "INSERT INTO public.pitr_probe SELECT g, 'A' FROM generate_series(1, 5) g")
+    time.sleep(1.5)
+    target = sql(host, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+    trades_at_target = sql(host, "SELECT count(*) FROM trading.trades")
+    time.sleep(1.5)
+    sql(host, "INSERT INTO public.pitr_probe SELECT g, 'B' FROM generate_series(6, 8) g")
+    return {"target": target, "trades": trades_at_target}
+
+
+def live_state(host) -> tuple[str, str, str]:
+    return (sql(host, "SELECT pg_postmaster_start_time()"),
+            sql(host, "SELECT string_agg(id || batch, ',' ORDER BY id) FROM public.pitr_probe"),
+            host.check_output(f"ls -d {PG_PATH}* | sort | tr '\\n' ' '"))
+
+
+REFUSED: dict[str, tuple[dict[str, str], str]] = {
+    "unconfirmed": ({"pitr_target_time": "TARGET"}, f"Not confirmed: the point-in-time restore of {DB_HOST}"),
+    "confirmed-for-another-host": ({"pitr_target_time": "TARGET", "pitr_confirm": "yes"},
+                                   f"pass -e pitr_confirm={DB_HOST} (got 'yes')"),
+    "future": ({"pitr_confirm": DB_HOST, "pitr_target_time": "2099-01-01 00:00:00+00"}, "is in the future"),
+    "before-the-oldest-backup": ({"pitr_confirm": DB_HOST, "pitr_target_time": "2001-01-01 00:00:00+00"},
+                                 "is before the end of the oldest backup"),
+    "not-a-time": ({"pitr_confirm": DB_HOST, "pitr_target_time": "yesterday"}, "give exactly one target"),
+    "no-offset": ({"pitr_confirm": DB_HOST, "pitr_target_time": "2026-12-01 10:00:00"}, "give exactly one target"),
+    "two-targets": ({"pitr_confirm": DB_HOST, "pitr_target_time": "TARGET", "pitr_target_name": "x"},
+                    "give exactly one target"),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(host, probe) -> dict[str, subprocess.CompletedProcess[str]]:
+    before = live_state(host)
+
+    def run(case: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+        extra = {k: v.replace("TARGET", probe["target"]) for k, v in REFUSED[case][0].items()}
+        return case, pitr(**extra)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(pool.map(run, REFUSED))
+    assert live_state(host) == before, "a refused restore changed the live server"
+    return results
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_wrong_or_unconfirmed_pitr_is_refused_and_changes_nothing(refused, case):
+    proc = refused[case]
+    assert proc.returncode != 0, flat(proc)[-2000:]
+    assert REFUSED[case][1] in flat(proc), flat(proc)[-2000:]
+    assert "Nothing was changed" in flat(proc), flat(proc)[-2000:]
+
+
+def test_a_pitr_that_fails_on_the_copy_leaves_the_live_server_alone(host, refused):
+    # A fault in the middle: a restore point that does not exist passes every check, is restored into the new
+    # directory, and fails there (recovery ends before the target): the live server never noticed.
+    before = live_state(host)
+    proc = pitr(pitr_confirm=DB_HOST, pitr_target_name="no-such-restore-point")
+    assert proc.returncode != 0, flat(proc)[-2000:]
+    assert "The live data directory was never touched" in flat(proc), flat(proc)[-3000:]
+    assert "recovery ended before configured recovery target was reached" in flat(proc), flat(proc)[-3000:]
+    assert live_state(host) == before
+
+
+def test_pitr_to_a_time_between_two_writes_gives_exactly_the_rows_before_it(host, repo_host, probe, refused):
+    # B's commit must be in the repository for recovery to know the target was passed.
+    segment = sql(host, "SELECT pg_walfile_name(pg_switch_wal())")
+    assert wait_archived(repo_host, segment, timeout_s=30), archiving_state(host, repo_host)
+    started = time.monotonic()
+    proc = pitr(pitr_confirm=DB_HOST, pitr_target_time=probe["target"])
+    took = time.monotonic() - started
+    assert proc.returncode == 0, flat(proc)[-4000:]
+    rows = sql(host, "SELECT string_agg(id || batch, ',' ORDER BY id) FROM public.pitr_probe")
+    print(f"\nFIGURE PITR to {probe['target']}: rows {rows} (A 1-5 before, B 6-8 after), playbook {took:.0f} s")
+    assert rows == "1A,2A,3A,4A,5A"
+    assert sql(host, "SELECT count(*) FROM trading.trades") == probe["trades"]
+    # Promoted onto a new timeline, writable, and archiving again from it.
+    assert sql(host, "SELECT pg_is_in_recovery()") == "f"
+    assert not sql(host, "SELECT pg_walfile_name(pg_current_wal_lsn())").startswith("00000001")
+    sql(host, "INSERT INTO public.pitr_probe VALUES (9, 'C')")
+    assert repo_host.run(f"runuser -u pgbackrest -- pgbackrest --stanza={STANZA} check").rc == 0
+    # The data directory it replaced is kept aside, complete.
+    aside = host.check_output(f"ls -d {PG_PATH}.before-pitr-*").split()
+    assert len(aside) == 1 and host.file(f"{aside[0]}/PG_VERSION").is_file
+    assert host.run(f"ls -d {PG_PATH}.pitr-* 2>/dev/null").stdout.strip() == ""
