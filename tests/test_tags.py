@@ -26,13 +26,6 @@ import yaml
 from .conftest import COLLECTION, REPO, VENV_BIN
 
 ROLES_DIR = COLLECTION / "roles"
-# Roles whose tasks/main.yml another engineer is changing: their failing cases are strict xfails, so the lead
-# sees the case pass (and must drop the mark) as soon as their tags work.
-OTHERS = {"rollout", "k8s_workloads"}
-# Each case that failed on the tree this test was written against (dynamic include_tasks in tasks/main.yml).
-KNOWN_FAILING = {
-    ("rollout", "rollout_preflight"),
-}
 INCLUDES = {"include_tasks", "ansible.builtin.include_tasks", "import_tasks", "ansible.builtin.import_tasks"}
 ROLE_INCLUDES = {"include_role", "ansible.builtin.include_role", "import_role", "ansible.builtin.import_role"}
 VALIDATION = "Validating arguments against arg spec"
@@ -133,14 +126,7 @@ def listings(request: pytest.FixtureRequest,
 
 
 def params() -> list[Any]:
-    out = []
-    for role, tag in CASES:
-        marks = []
-        if role in OTHERS and (role, tag) in KNOWN_FAILING:
-            reason = f"{role}/tasks/main.yml (not ours to edit) steps are dynamic include_tasks, not listed by tag"
-            marks.append(pytest.mark.xfail(strict=True, reason=reason))
-        out.append(pytest.param(role, tag, marks=marks, id=f"{role}-{tag}"))
-    return out
+    return [pytest.param(role, tag, id=f"{role}-{tag}") for role, tag in CASES]
 
 
 def test_every_role_has_its_documented_tags() -> None:
