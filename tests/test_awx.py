@@ -47,6 +47,9 @@ REQUIRED_PLAYBOOKS = {
     "playbooks/restore.yml",
     "playbooks/drift_check.yml",
     "playbooks/k8s.yml",
+    "playbooks/runbooks/emergency_stop.yml",
+    "playbooks/runbooks/resume.yml",
+    "playbooks/runbooks/daily_health.yml",
 }
 ARGSPEC_TYPES = {"str", "int", "bool", "list", "float"}
 
@@ -125,6 +128,9 @@ def documented_extra_vars(playbook: Path) -> set[str]:
     names = set(re.findall(r"-e ([a-z][a-z0-9_]*)=", text))
     for match in re.finditer(r"^# ((?:[a-z][a-z0-9_]* / )*[a-z][a-z0-9_]*):", text, re.M):
         names |= set(match.group(1).split(" / "))
+    # The runbooks' form: "#   name (type): ..." or "#   one, two (type): ...".
+    for match in re.finditer(r"^#\s+((?:[a-z][a-z0-9_]*, )*[a-z][a-z0-9_]*) \([a-z]+\):", text, re.M):
+        names |= set(match.group(1).split(", "))
     return names
 
 
@@ -166,6 +172,15 @@ def _restore_confirm() -> dict[str, Any]:
     return {"type": "str", "required": True}
 
 
+def _emergency_stop_reason() -> dict[str, Any]:
+    # Optional text, cut to the length the playbook keeps (a longer survey answer would be cut silently).
+    text = _read("playbooks/runbooks/emergency_stop.yml")
+    kept = re.search(r"emergency_stop_reason \| default\('[^']*', true\) \| string\)[^}]*truncate\((\d+),", text)
+    assert kept, "emergency_stop.yml no longer cuts emergency_stop_reason to a length"
+    assert "#   emergency_stop_reason (str):" in text
+    return {"type": "str", "max": int(kept.group(1))}
+
+
 # Inputs documented in a playbook header but not in any argument_specs: their spec is read from the code
 # that consumes them, so a change there fails here.
 EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
@@ -175,6 +190,7 @@ EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
     "restore_confirm": _restore_confirm,
     "restore_postgresql_file": lambda: {"type": "str"},
     "restore_redis_file": lambda: {"type": "str"},
+    "emergency_stop_reason": _emergency_stop_reason,
 }
 
 
@@ -464,6 +480,14 @@ def test_backups_run_after_the_close_on_exchange_days() -> None:
     local = [r.astimezone(EXCHANGE_TZ) for r in occurrences(backup["rrule"], datetime(2027, 3, 8, tzinfo=UTC), 15)]
     assert {t.weekday() for t in local} == {0, 1, 2, 3, 4}
     assert all((t.hour, t.minute) >= (16, 0) for t in local), "backups must start after the 16:00 close"
+
+
+def test_daily_health_runs_before_the_open_on_exchange_days() -> None:
+    (health,) = (s for s in DEFS["awx_schedules"]
+                 if TEMPLATES[s["template"]]["playbook"] == "playbooks/runbooks/daily_health.yml")
+    local = [r.astimezone(EXCHANGE_TZ) for r in occurrences(health["rrule"], datetime(2027, 3, 8, tzinfo=UTC), 15)]
+    assert {t.weekday() for t in local} == {0, 1, 2, 3, 4}
+    assert all((t.hour, t.minute) < (9, 30) for t in local), "the health check must end before the 09:30 open"
 
 
 def test_drift_check_runs_daily() -> None:
