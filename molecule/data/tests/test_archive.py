@@ -10,38 +10,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import testinfra
+from pgbackrest_common import DB_HOST, REPO_PATH, STANZA, archiving_state, sql, wait_archived
 
 testinfra_hosts = ["podman://gm-mol-data-db"]
 
-DB = "grandmodel"
-DB_HOST = "gm-mol-data-db"
-STANZA = "grandmodel"
-REPO_PATH = "/var/lib/pgbackrest"
 ARCHIVE_TIMEOUT_S = 5  # postgresql_archive_timeout in molecule.yml
-
-
-@pytest.fixture(scope="module")
-def repo_host():
-    return testinfra.get_host("podman://gm-mol-data-client")
-
-
-def sql(host, query: str, db: str = DB) -> str:
-    return host.check_output(f"runuser -u postgres -- psql -X -At -v ON_ERROR_STOP=1 -d {db} -c \"{query}\"")
 
 
 def info(host, user: str) -> dict[str, object]:
     out = host.check_output(f"runuser -u {user} -- pgbackrest --stanza={STANZA} --output=json info")
     return json.loads(out)[0]
-
-
-def wait_archived(repo_host, segment: str, timeout_s: int = 60) -> float | None:
-    """Poll on the repository host until the WAL segment is in the archive: its clock time then, or None."""
-    pattern = f"{REPO_PATH}/archive/{STANZA}/15-*/{segment[:16]}/{segment}-*"
-    found = repo_host.run(
-        f"timeout {timeout_s} sh -c 'until ls {pattern} >/dev/null 2>&1; do sleep 0.05; done; date +%s.%N'")
-    return float(found.stdout) if found.rc == 0 else None
 
 
 def test_backup_is_on_the_repository_host_not_the_database_host(host, repo_host):
@@ -77,16 +55,6 @@ def test_a_certificate_the_server_does_not_allow_is_refused(host):
     # certificate (same CA, another CN) asking it for the repository gets nothing.
     proc = host.run(f"runuser -u postgres -- pgbackrest --stanza={STANZA} --repo1-host=localhost info")
     assert "access denied" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-
-
-def archiving_state(host, repo_host) -> str:
-    """What to look at when a segment does not arrive: the archiver's counters and the last log lines."""
-    return "\n".join([
-        sql(host, "SELECT row_to_json(a)::text || ' insert ' || pg_current_wal_insert_lsn() FROM pg_stat_archiver a"),
-        host.run("tail -n 15 /var/log/postgresql/postgresql-15-main.log").stdout,
-        host.run("tail -n 15 /var/log/pgbackrest/grandmodel-archive-push.log").stdout,
-        repo_host.run(f"ls {REPO_PATH}/archive/{STANZA}/15-*/0000000*/ | tail -n 4").stdout,
-    ])
 
 
 def test_wal_is_archived_continuously_with_a_short_rpo(host, repo_host):
