@@ -1,0 +1,115 @@
+"""The change freeze: playbooks/runbooks/change_freeze.yml sets and lifts it; the release's plan step
+(roles/rollout/tasks/freeze_guard.yml) refuses a release while it is set unless forced with a reason.
+
+Both run here with ansible-playbook on this machine (connection local, the freeze file in a temporary
+directory): the runbook writes the file exactly as on a load balancer and the guard reads that same file,
+so the two sides are proven together. The release flow itself (the guard inside playbooks/rollout.yml on
+real hosts) runs in the rollout scenario only without a freeze.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import COLLECTION, REPO, VENV_BIN
+
+RUNBOOK = REPO / "playbooks" / "runbooks" / "change_freeze.yml"
+GUARD = COLLECTION / "roles" / "rollout" / "tasks" / "freeze_guard.yml"
+GUARD_PLAY = """
+- name: Run the release's change-freeze guard
+  hosts: localhost
+  gather_facts: false
+  vars:
+    rollout_freeze_override_reason: ""  # the role's default (extra vars beat it)
+  tasks:
+    - name: Guard
+      ansible.builtin.include_tasks: {tasks}
+"""
+
+
+def play(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+                           "-e", f"ansible_python_interpreter={sys.executable}", "-e", "ansible_become=false",
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+                          env=dict(os.environ, ANSIBLE_NOCOLOR="1", USER="deskops"))
+
+
+def runbook(freeze_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return play([str(RUNBOOK), "-e", "runbook_lb_group=localhost", "-e", f"rollout_freeze_file={freeze_file}",
+                 *extra])
+
+
+def guard(tmp_path: Path, freeze_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    book = tmp_path / "guard.yml"
+    book.write_text(GUARD_PLAY.format(tasks=GUARD))
+    return play([str(book), "-e", f"rollout_freeze_file={freeze_file}", *extra])
+
+
+def changed(proc: subprocess.CompletedProcess[str]) -> int:
+    found = re.search(r"localhost\s+: ok=\d+\s+changed=(\d+)", proc.stdout)
+    assert found, proc.stdout[-2000:]
+    return int(found.group(1))
+
+
+def test_set_refuse_force_lift(tmp_path: Path) -> None:
+    freeze = tmp_path / "etc" / "change-freeze.json"
+    assert guard(tmp_path, freeze).returncode == 0  # no freeze: a release goes ahead
+
+    on = runbook(freeze, "-e", "change_freeze=on",
+                 "-e", json.dumps({"change_freeze_reason": "session <b>open</b>; $(rm -rf /)"}))
+    assert on.returncode == 0, on.stdout[-2000:]
+    assert changed(on) == 2  # the directory and the file
+    body = json.loads(freeze.read_text())
+    assert body["reason"] == "session _b_open_/b_; _(rm -rf /)" and body["set_by"] == "deskops"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["since"])
+
+    again = runbook(freeze, "-e", "change_freeze=on", "-e", "change_freeze_reason=another")
+    assert again.returncode == 0 and changed(again) == 0
+    assert json.loads(freeze.read_text()) == body  # the first reason and time are kept
+
+    refused = guard(tmp_path, freeze)
+    out = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode != 0, out[-2000:]
+    assert f"a change freeze is set on localhost since {body['since']} by deskops" in out, out[-2000:]
+    assert "Lift it with playbooks/runbooks/change_freeze.yml -e change_freeze=off" in out
+    blank = guard(tmp_path, freeze, "-e", json.dumps({"rollout_freeze_override_reason": "   "}))
+    assert blank.returncode != 0  # a blank reason is no reason
+
+    why = {"rollout_freeze_override_reason": "hotfix for a mispriced feed"}
+    forced = guard(tmp_path, freeze, "-e", json.dumps(why))
+    assert forced.returncode == 0, forced.stdout[-2000:]
+    assert "overridden: hotfix for a mispriced feed" in " ".join(forced.stdout.split())
+
+    off = runbook(freeze, "-e", "change_freeze=off")
+    assert off.returncode == 0 and changed(off) == 1 and not freeze.exists()
+    assert changed(runbook(freeze, "-e", "change_freeze=off")) == 0
+    assert guard(tmp_path, freeze).returncode == 0
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[1, 2]"])
+def test_an_unreadable_freeze_file_still_freezes(tmp_path: Path, content: str) -> None:
+    freeze = tmp_path / "change-freeze.json"
+    freeze.write_text(content)
+    proc = guard(tmp_path, freeze)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0, out[-2000:]
+    assert f"unreadable freeze file {freeze}" in out, out[-2000:]
+
+
+def test_check_mode_and_bad_requests_touch_nothing(tmp_path: Path) -> None:
+    freeze = tmp_path / "etc" / "change-freeze.json"
+    checked = runbook(freeze, "-e", "change_freeze=on", "--check")
+    assert checked.returncode == 0, checked.stdout[-2000:]
+    assert not freeze.parent.exists()
+    for value in ("", "maybe", "1"):
+        bad = runbook(freeze, "-e", f"change_freeze={value}")
+        out = " ".join((bad.stdout + bad.stderr).split())
+        assert bad.returncode != 0 and f"change_freeze must be on or off (got '{value}')" in out, out[-2000:]
+    assert not freeze.parent.exists()
