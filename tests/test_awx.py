@@ -50,6 +50,7 @@ REQUIRED_PLAYBOOKS = {
     "playbooks/runbooks/emergency_stop.yml",
     "playbooks/runbooks/resume.yml",
     "playbooks/runbooks/daily_health.yml",
+    "playbooks/runbooks/change_freeze.yml",
 }
 ARGSPEC_TYPES = {"str", "int", "bool", "list", "float"}
 
@@ -181,6 +182,22 @@ def _emergency_stop_reason() -> dict[str, Any]:
     return {"type": "str", "max": int(kept.group(1))}
 
 
+def _change_freeze() -> dict[str, Any]:
+    text = _read("playbooks/runbooks/change_freeze.yml")
+    choices = re.search(r"\(change_freeze \| default\(''\) \| string \| lower\) in (\[[^\]]*\])", text)
+    assert choices, "change_freeze.yml no longer checks change_freeze against its choices"
+    assert "#   change_freeze (str):" in text
+    return {"type": "str", "required": True, "choices": yaml.safe_load(choices.group(1))}
+
+
+def _change_freeze_reason() -> dict[str, Any]:
+    text = _read("playbooks/runbooks/change_freeze.yml")
+    kept = re.search(r"change_freeze_reason \| default\('[^']*', true\) \| string\)[^}]*truncate\((\d+),", text)
+    assert kept, "change_freeze.yml no longer cuts change_freeze_reason to a length"
+    assert "#   change_freeze_reason (str):" in text
+    return {"type": "str", "max": int(kept.group(1))}
+
+
 # Inputs documented in a playbook header but not in any argument_specs: their spec is read from the code
 # that consumes them, so a change there fails here.
 EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
@@ -191,6 +208,8 @@ EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
     "restore_postgresql_file": lambda: {"type": "str"},
     "restore_redis_file": lambda: {"type": "str"},
     "emergency_stop_reason": _emergency_stop_reason,
+    "change_freeze": _change_freeze,
+    "change_freeze_reason": _change_freeze_reason,
 }
 
 
@@ -488,6 +507,38 @@ def test_daily_health_runs_before_the_open_on_exchange_days() -> None:
     local = [r.astimezone(EXCHANGE_TZ) for r in occurrences(health["rrule"], datetime(2027, 3, 8, tzinfo=UTC), 15)]
     assert {t.weekday() for t in local} == {0, 1, 2, 3, 4}
     assert all((t.hour, t.minute) < (9, 30) for t in local), "the health check must end before the 09:30 open"
+
+
+@pytest.mark.parametrize("schedule", [s for s in DEFS["awx_schedules"] if "extra_data" in s], ids=lambda s: s["name"])
+def test_schedule_answers_are_survey_answers_its_template_accepts(schedule: dict[str, Any]) -> None:
+    """A schedule's extra_data is launched as survey answers: each key a survey variable, each value valid."""
+    survey = {q["variable"]: q for q in TEMPLATES[schedule["template"]]["survey"]}
+    assert schedule["extra_data"], f"{schedule['name']}: empty extra_data"
+    for variable, value in schedule["extra_data"].items():
+        assert variable in survey, f"{schedule['name']}: {variable} is not a survey variable of {schedule['template']}"
+        question = survey[variable]
+        if question["type"] == "str":
+            assert isinstance(value, str), f"{schedule['name']}: {variable}={value!r} is not text"
+        if "choices" in question:
+            assert value in question["choices"], f"{schedule['name']}: {variable}={value!r} not a choice"
+        if "max" in question:
+            assert len(str(value)) <= question["max"]
+    missing = [v for v, q in survey.items() if q.get("required") and v not in schedule["extra_data"]]
+    assert not missing, f"{schedule['name']}: the required survey answers {missing} are not given"
+
+
+def test_the_freeze_covers_the_session_and_is_lifted_after_the_close() -> None:
+    """Set before the 09:30 open and lifted after the 16:00 close, on the same exchange days."""
+    freeze = [s for s in DEFS["awx_schedules"]
+              if TEMPLATES[s["template"]]["playbook"] == "playbooks/runbooks/change_freeze.yml"]
+    by_state = {s["extra_data"]["change_freeze"]: s for s in freeze}
+    assert sorted(by_state) == ["off", "on"] and len(freeze) == 2
+    start = datetime(2027, 3, 8, tzinfo=UTC)
+    on = [r.astimezone(EXCHANGE_TZ) for r in occurrences(by_state["on"]["rrule"], start, 15)]
+    off = [r.astimezone(EXCHANGE_TZ) for r in occurrences(by_state["off"]["rrule"], start, 15)]
+    assert [t.date() for t in on] == [t.date() for t in off]
+    assert {t.weekday() for t in on} == {0, 1, 2, 3, 4}
+    assert all((t.hour, t.minute) < (9, 30) for t in on) and all((t.hour, t.minute) >= (16, 0) for t in off)
 
 
 def test_drift_check_runs_daily() -> None:
