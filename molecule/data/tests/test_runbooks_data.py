@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,48 +76,93 @@ def fresh_output() -> None:
     subprocess.run(["rm", "-rf", str(OUT)], check=True)
 
 
-# --- degradation ---------------------------------------------------------------------------------
+# --- the runs ------------------------------------------------------------------------------------
+# The runbooks only read, so the runs that can share a moment run side by side: first the degradation
+# (during a lock wait), the clean security check and the access review's baseline; then the security check
+# with the planted findings and the access review after the new role and user.
 
-@pytest.fixture
-def lock_wait(host) -> Iterator[tuple[int, int]]:
-    """A real row lock held by one session and another session waiting on it: (holder pid, waiter pid)."""
+Run = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
+
+
+def side_by_side(*runs: tuple[str, tuple[str, ...]]) -> list[Run]:
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        return list(pool.map(lambda r: runbook(r[0], *r[1]), runs))
+
+
+def wait_for(host, sql: str, what: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = superuser(host, sql)
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(what)
+
+
+@pytest.fixture(scope="module")
+def first_runs(host) -> Iterator[dict[str, Any]]:
+    """A real row lock held by one session and another session waiting on it, and the first runs meanwhile."""
     superuser(host, f"DROP TABLE IF EXISTS {PROBE}; CREATE TABLE {PROBE} (id int PRIMARY KEY, v int); "
                     f"INSERT INTO {PROBE} VALUES (1, 0)")
-    holder = podman_psql(f"BEGIN; UPDATE {PROBE} SET v = v + 1 WHERE id = 1; "
-                         "SELECT pg_sleep(120) /* h9-holder */; COMMIT")
-    waiter = None
+    sessions = [podman_psql(f"BEGIN; UPDATE {PROBE} SET v = v + 1 WHERE id = 1; "
+                            "SELECT pg_sleep(120) /* h9-holder */; COMMIT")]
     try:
-        deadline = time.monotonic() + 20
-        pids = ""
-        while time.monotonic() < deadline:
-            pids = superuser(host, "SELECT string_agg(pid::text, ',') FROM pg_stat_activity "
-                                   "WHERE query LIKE '%h9-holder%' AND pid <> pg_backend_pid()")
-            if pids:
-                break
-            time.sleep(0.3)
-        assert pids, "the lock holder never started"
-        waiter = podman_psql(f"UPDATE {PROBE} SET v = v + 2 WHERE id = 1 /* h9-waiter */")
-        waiting = ""
-        while time.monotonic() < deadline:
-            waiting = superuser(host, "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                      "AND query LIKE '%h9-waiter%' AND pid <> pg_backend_pid()")
-            if waiting:
-                break
-            time.sleep(0.3)
-        assert waiting, "the second session never waited on the lock"
-        yield int(pids.split(",")[0]), int(waiting)
+        holder = wait_for(host, "SELECT string_agg(pid::text, ',') FROM pg_stat_activity "
+                                "WHERE query LIKE '%h9-holder%' AND pid <> pg_backend_pid()",
+                          "the lock holder never started")
+        sessions.append(podman_psql(f"UPDATE {PROBE} SET v = v + 2 WHERE id = 1 /* h9-waiter */"))
+        waiter = wait_for(host, "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                "AND query LIKE '%h9-waiter%' AND pid <> pg_backend_pid()",
+                          "the second session never waited on the lock")
+        degradation, clean, baseline = side_by_side(("degradation", ()), ("security_check", ()),
+                                                    ("access_review", ()))
     finally:
         superuser(host, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                         "WHERE query LIKE '%h9-%' AND pid <> pg_backend_pid()")
-        for proc in (holder, waiter):
-            if proc is not None:
-                proc.wait(timeout=30)
+        for proc in sessions:
+            proc.wait(timeout=30)
         superuser(host, f"DROP TABLE IF EXISTS {PROBE}")
+    yield {"holder": int(holder.split(",")[0]), "waiter": int(waiter), "degradation": degradation,
+           "clean": clean, "baseline": baseline}
 
 
-def test_degradation_lists_a_real_lock_wait_and_redis_latency(host, lock_wait):
-    holder, waiter = lock_wait
-    proc, report = runbook("degradation")
+@pytest.fixture(scope="module")
+def second_runs(host, first_runs) -> Iterator[dict[str, Any]]:
+    """Planted on the db host: a world-readable secret, a stray listener, a certificate ending in two days, a
+    new PostgreSQL role and Redis ACL user (generated passwords); the second runs meanwhile."""
+    port, secret_file, cert_dir = "18765", "/etc/grandmodel/h9-planted.key", "/tmp/h9-certs"
+    suffix = secrets.token_hex(4)
+    role, user = f"h9_review_{suffix}", f"h9review{suffix}"
+    pg_password, redis_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    try:
+        host.check_output(f"umask 022; echo not-a-real-key > {secret_file}; chmod 0644 {secret_file}")
+        host.check_output(f"mkdir -p {cert_dir} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
+                          f"-nodes -days 2 -subj /CN=h9-short -keyout {cert_dir}/short.key "
+                          f"-out {cert_dir}/short.crt 2>/dev/null")
+        host.check_output(f"setsid -f sh -c 'exec python3 -m http.server {port} --bind 0.0.0.0 >/dev/null 2>&1'")
+        superuser(host, f"CREATE ROLE {role} LOGIN PASSWORD '{pg_password}'")
+        admin_redis(host, "ACL", "SETUSER", user, "on", f">{redis_password}", "~h9:*", "+get")
+        deadline = time.monotonic() + 15
+        while f":{port}" not in host.check_output(f"ss -Htln 'sport = :{port}'") and time.monotonic() < deadline:
+            time.sleep(0.3)
+        planted, review = side_by_side(
+            ("security_check", ("-e", json.dumps({"security_check_extra_certs": [cert_dir]}))), ("access_review", ()))
+    finally:
+        listener = host.check_output(f"ss -Htlnp 'sport = :{port}'")
+        for pid in {part.split(",")[0] for part in listener.split("pid=")[1:]}:
+            host.run(f"kill {pid}")
+        host.run(f"rm -rf {secret_file} {cert_dir}")
+        superuser(host, f"DROP ROLE IF EXISTS {role}")
+        admin_redis(host, "ACL", "DELUSER", user)
+    yield {"port": port, "file": secret_file, "cert": f"{cert_dir}/short.crt", "role": role, "user": user,
+           "passwords": [pg_password, redis_password], "planted": planted, "review": review}
+
+
+# --- degradation ---------------------------------------------------------------------------------
+
+def test_degradation_lists_a_real_lock_wait_and_redis_latency(first_runs):
+    holder, waiter = first_runs["holder"], first_runs["waiter"]
+    proc, report = first_runs["degradation"]
     assert proc.returncode == 0, flat(proc)[-3000:]
     db = report["databases"][DB_HOST]
     waits = [w for w in db["lock_waits"] if w["pid"] == waiter]
@@ -141,8 +187,8 @@ def test_degradation_lists_a_real_lock_wait_and_redis_latency(host, lock_wait):
 
 # --- security_check ------------------------------------------------------------------------------
 
-def test_security_check_is_clean_on_the_converged_hosts():
-    proc, report = runbook("security_check")
+def test_security_check_is_clean_on_the_converged_hosts(first_runs):
+    proc, report = first_runs["clean"]
     assert proc.returncode == 0, flat(proc)[-3000:]
     assert report["findings"] == [] and report["clean"] is True
     db = report["hosts"][DB_HOST]
@@ -151,50 +197,27 @@ def test_security_check_is_clean_on_the_converged_hosts():
     assert {"5432", "6380"} <= {listener["port"] for listener in db["listeners"]}, db["listeners"]
 
 
-@pytest.fixture
-def planted(host) -> Iterator[dict[str, str]]:
-    """A world-readable secret, a stray listener and a certificate ending in two days on the db host."""
-    port = "18765"
-    secret_file = "/etc/grandmodel/h9-planted.key"
-    cert_dir = "/tmp/h9-certs"
-    host.check_output(f"umask 022; echo not-a-real-key > {secret_file}; chmod 0644 {secret_file}")
-    host.check_output(f"mkdir -p {cert_dir} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
-                      f"-nodes -days 2 -subj /CN=h9-short -keyout {cert_dir}/short.key -out {cert_dir}/short.crt "
-                      "2>/dev/null")
-    host.check_output(f"setsid -f sh -c 'exec python3 -m http.server {port} --bind 0.0.0.0 >/dev/null 2>&1'")
-    try:
-        deadline = time.monotonic() + 15
-        while f":{port}" not in host.check_output(f"ss -Htln 'sport = :{port}'") and time.monotonic() < deadline:
-            time.sleep(0.3)
-        yield {"port": port, "file": secret_file, "cert": f"{cert_dir}/short.crt", "cert_dir": cert_dir}
-    finally:
-        listener = host.check_output(f"ss -Htlnp 'sport = :{port}'")
-        for found in {part.split(",")[0] for part in listener.split("pid=")[1:]}:
-            host.run(f"kill {found}")
-        host.run(f"rm -rf {secret_file} {cert_dir}")
-
-
-def test_security_check_names_exactly_what_was_planted(planted):
-    proc, report = runbook("security_check", "-e", json.dumps({"security_check_extra_certs": [planted["cert_dir"]]}))
+def test_security_check_names_exactly_what_was_planted(second_runs):
+    proc, report = second_runs["planted"]
     assert proc.returncode != 0, flat(proc)[-3000:]
     findings = report["findings"]
     assert len(findings) == 3, findings
-    assert f"{DB_HOST}: world-readable secret file {planted['file']}" in findings
-    assert any(f.startswith(f"{DB_HOST}: unexpected listener on port {planted['port']} ") and "python3" in f
+    assert f"{DB_HOST}: world-readable secret file {second_runs['file']}" in findings
+    assert any(f.startswith(f"{DB_HOST}: unexpected listener on port {second_runs['port']} ") and "python3" in f
                for f in findings), findings
-    assert any(f.startswith(f"{DB_HOST}: certificate {planted['cert']} ends in 1.") for f in findings), findings
+    assert any(f.startswith(f"{DB_HOST}: certificate {second_runs['cert']} ends in 1.") for f in findings), findings
     # The failure names them too, and the report for people lists them.
     out = flat(proc)
-    assert "3 finding(s)" in out and planted["file"] in out and f"port {planted['port']}" in out
+    assert "3 finding(s)" in out and second_runs["file"] in out and f"port {second_runs['port']}" in out
     md = (Path(report["report_dir"]) / "report.md").read_text()
     assert all(f in md for f in findings)
 
 
 # --- access_review -------------------------------------------------------------------------------
 
-def test_access_review_reports_exactly_the_new_role_and_user_and_never_a_secret(host):
-    first, baseline = runbook("access_review")
-    assert first.returncode == 0, flat(first)[-3000:]
+def test_access_review_first_run_is_the_baseline(first_runs):
+    proc, baseline = first_runs["baseline"]
+    assert proc.returncode == 0, flat(proc)[-3000:]
     assert baseline["baseline"] is True and baseline["changes"] == []
     roles = baseline["snapshot"]["hosts"][DB_HOST]["postgresql_roles"]
     assert roles["grandmodel_ro"]["login"] is True and roles["postgres"]["superuser"] is True, roles
@@ -202,29 +225,25 @@ def test_access_review_reports_exactly_the_new_role_and_user_and_never_a_secret(
     assert {"grandmodel_admin", "grandmodel_app"} <= set(users), users
     assert "root" in baseline["snapshot"]["hosts"]["gm-mol-data-client"]["accounts"]
 
-    suffix = secrets.token_hex(4)
-    role, user = f"h9_review_{suffix}", f"h9review{suffix}"
-    pg_password, redis_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    try:
-        superuser(host, f"CREATE ROLE {role} LOGIN PASSWORD '{pg_password}'")
-        admin_redis(host, "ACL", "SETUSER", user, "on", f">{redis_password}", "~h9:*", "+get")
-        second, report = runbook("access_review")
-    finally:
-        superuser(host, f"DROP ROLE IF EXISTS {role}")
-        admin_redis(host, "ACL", "DELUSER", user)
-    assert second.returncode == 0, flat(second)[-3000:]
-    assert report["baseline"] is False and report["compared_with"] == baseline["checked_at"]
+
+def test_access_review_reports_exactly_the_new_role_and_user_and_never_a_secret(first_runs, second_runs):
+    proc, report = second_runs["review"]
+    assert proc.returncode == 0, flat(proc)[-3000:]
+    assert report["baseline"] is False and report["compared_with"] == first_runs["baseline"][1]["checked_at"]
     assert [(c["host"], c["kind"], c["name"], c["change"]) for c in report["changes"]] == [
-        (DB_HOST, "postgresql role", role, "added"),
-        (DB_HOST, "redis user", user, "added"),
+        (DB_HOST, "postgresql role", second_runs["role"], "added"),
+        (DB_HOST, "redis user", second_runs["user"], "added"),
     ], report["changes"]
     added = {c["kind"]: c["now"] for c in report["changes"]}
     assert added["postgresql role"]["login"] is True
     assert added["redis user"]["password_set"] is True and "~h9:*" in added["redis user"]["rules"]
-    # No password nor hash anywhere: the runs' output, the snapshots and the reports.
+    # No password nor hash anywhere: every run's output, the snapshots and the reports.
+    pg_password, redis_password = second_runs["passwords"]
     forbidden = [pg_password, redis_password, hashlib.sha256(redis_password.encode()).hexdigest(),
                  secret("redis_admin"), hashlib.sha256(secret("redis_app").encode()).hexdigest()]
     stored = "".join(p.read_text() for p in OUT.rglob("*") if p.is_file())
     assert (OUT / "state" / "access_review").is_dir() and stored
-    for text in (first.stdout + first.stderr, second.stdout + second.stderr, stored):
+    runs = [first_runs[k] for k in ("degradation", "clean", "baseline")] + [second_runs["planted"], (proc, report)]
+    outputs = "".join(run[0].stdout + run[0].stderr for run in runs)
+    for text in (outputs, stored):
         assert not [s for s in forbidden if s in text]
