@@ -75,13 +75,30 @@ SURVEYED = [(name, q) for name, t in (TEMPLATES | WORKFLOWS).items() for q in t.
 # --- what a playbook declares ---------------------------------------------------------------------------
 
 
+def imported_path(playbook: Path, imported: str) -> Path:
+    """The file an import_playbook names: a collection playbook (quantnova.grandmodel.x) or a relative path."""
+    if imported.startswith("quantnova.grandmodel."):
+        return COLLECTION / "playbooks" / f"{imported.rsplit('.', 1)[1]}.yml"
+    return playbook.parent / imported
+
+
+def source_of(playbook: Path) -> Path:
+    """The playbook itself, or what it wraps when it is one import_playbook (the old top-level paths)."""
+    plays = yaml.safe_load(playbook.read_text())
+    if len(plays) == 1:
+        imported = plays[0].get("ansible.builtin.import_playbook") or plays[0].get("import_playbook")
+        if imported:
+            return source_of(imported_path(playbook, imported))
+    return playbook
+
+
 def plays_of(playbook: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every play of a playbook, import_playbook followed."""
     found: list[tuple[Path, dict[str, Any]]] = []
     for play in yaml.safe_load(playbook.read_text()):
         imported = play.get("ansible.builtin.import_playbook") or play.get("import_playbook")
         if imported:
-            found += plays_of(playbook.parent / imported)
+            found += plays_of(imported_path(playbook, imported))
         else:
             found.append((playbook, play))
     return found
@@ -121,7 +138,7 @@ def argument_spec_options(playbook: Path) -> dict[str, dict[str, Any]]:
 def documented_extra_vars(playbook: Path) -> set[str]:
     """Names the playbook's header comment documents: `-e name=...` and `# name / other: ...` lines."""
     header = []
-    for line in playbook.read_text().splitlines():
+    for line in source_of(playbook).read_text().splitlines():
         if line.startswith("- "):
             break
         header.append(line)
@@ -136,7 +153,7 @@ def documented_extra_vars(playbook: Path) -> set[str]:
 
 
 def _read(rel: str) -> str:
-    return (REPO / rel).read_text()
+    return source_of(REPO / rel).read_text()
 
 
 def _rollout_color_names() -> list[str]:
