@@ -37,12 +37,20 @@ OWN_LOGIN = f"{WEB_USER}:/etc/prometheus/web-login"
 NO_LOGIN = "none"
 WRONG_LOGIN = f"{WEB_USER}:not-the-password-0123456789"
 FETCHER = "/usr/local/bin/gm-test-fetch"
+# The run's CA certificate (from the controller), the only CA the fetcher trusts for https.
+TEST_CA = "/usr/local/share/gm-test-ca.crt"
 # GETs each (url, login) and prints [status, body] per request as JSON; a login is "none",
-# "user:/path/of/a/password/file" or "user:literal" (the wrong password).
+# "user:/path/of/a/password/file" or "user:literal" (the wrong password). https trusts TEST_CA only;
+# "untrusted+https://" trusts the system's CAs only (a client that does not know the internal CA).
+# A connection that fails (TLS verification included) gives [0, the reason].
 FETCH = r"""#!/usr/bin/python3
-import base64, json, sys, urllib.error, urllib.request
+import base64, json, ssl, sys, urllib.error, urllib.request
+trusting = ssl.create_default_context(cafile="/usr/local/share/gm-test-ca.crt")
+untrusting = ssl.create_default_context()
 answers = []
 for url, login in json.loads(sys.argv[1]):
+    context = untrusting if url.startswith("untrusted+") else trusting
+    url = url.removeprefix("untrusted+")
     request = urllib.request.Request(url)
     if login != "none":
         user, secret = login.split(":", 1)
@@ -51,10 +59,12 @@ for url, login in json.loads(sys.argv[1]):
         token = base64.b64encode(f"{user}:{secret}".encode()).decode()
         request.add_header("Authorization", "Basic " + token)
     try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
+        with urllib.request.urlopen(request, timeout=5, context=context) as answer:
             answers.append([answer.status, answer.read().decode()])
     except urllib.error.HTTPError as error:
         answers.append([error.code, error.read().decode()])
+    except urllib.error.URLError as error:
+        answers.append([0, str(error.reason)])
 print(json.dumps(answers))
 """
 
@@ -68,10 +78,17 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def controller_ca() -> str:
+    """The run's CA certificate, generated on the controller by quantnova.grandmodel.pki."""
+    return (Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "pki" / "ca.crt").read_text()
+
+
 def install_fetcher(*hosts) -> None:
     encoded = base64.b64encode(FETCH.encode()).decode()
+    ca = base64.b64encode(controller_ca().encode()).decode()
     for h in hosts:
-        h.check_output(f"echo {encoded} | base64 -d > {FETCHER} && chmod 0755 {FETCHER}")
+        h.check_output(f"echo {encoded} | base64 -d > {FETCHER} && chmod 0755 {FETCHER}"
+                       f" && echo {ca} | base64 -d > {TEST_CA}")
 
 
 def fetch_all(host, requests: list[tuple[str, str]]) -> list[tuple[int, str]]:
@@ -97,7 +114,7 @@ def api(host, url: str) -> dict:
 def query(host, promql: str) -> list[dict]:
     import urllib.parse
 
-    data = api(host, "http://127.0.0.1:9090/api/v1/query?query=" + urllib.parse.quote(promql))
+    data = api(host, "https://127.0.0.1:9090/api/v1/query?query=" + urllib.parse.quote(promql))
     assert data["status"] == "success", data
     return data["data"]["result"]
 
@@ -114,7 +131,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 2.0):
 
 
 def alerts(host, name: str, **labels: str) -> list[dict]:
-    found = api(host, "http://127.0.0.1:9090/api/v1/alerts")["data"]["alerts"]
+    found = api(host, "https://127.0.0.1:9090/api/v1/alerts")["data"]["alerts"]
     return [a for a in found if a["labels"].get("alertname") == name
             and all(a["labels"].get(k) == v for k, v in labels.items())]
 
@@ -124,7 +141,7 @@ def test_services_running_with_configured_flags(host, monitored):
         assert host.service(name).is_running and host.service(name).is_enabled, name
     for name in ("prometheus-node-exporter", "prometheus-postgres-exporter", "prometheus-redis-exporter"):
         assert monitored.service(name).is_running and monitored.service(name).is_enabled, name
-    flags = api(host, "http://127.0.0.1:9090/api/v1/status/flags")["data"]
+    flags = api(host, "https://127.0.0.1:9090/api/v1/status/flags")["data"]
     assert flags["storage.tsdb.retention.time"] == "1d"
     assert flags["storage.tsdb.retention.size"] == "512MiB"  # Prometheus reads MB as 2^20 bytes
 
@@ -134,8 +151,8 @@ ALERTMANAGER_PATHS = ["/api/v2/status", "/api/v2/silences", "/metrics", "/-/heal
 
 
 def endpoints(address: str) -> list[str]:
-    return ([f"http://{address}:9090{p}" for p in PROMETHEUS_PATHS]
-            + [f"http://{address}:9093{p}" for p in ALERTMANAGER_PATHS])
+    return ([f"https://{address}:9090{p}" for p in PROMETHEUS_PATHS]
+            + [f"https://{address}:9093{p}" for p in ALERTMANAGER_PATHS])
 
 
 def test_web_endpoints_answer_only_the_right_login(host, monitored):
@@ -152,9 +169,101 @@ def test_web_endpoints_answer_only_the_right_login(host, monitored):
     served = {u: status for (u, _), (status, _) in zip(asked, fetch_all(host, asked), strict=True)}
     assert set(served.values()) == {200}, served
     # A wrong user with the right password is refused as well.
-    [(status, _)] = fetch_all(host, [("http://127.0.0.1:9090/api/v1/query?query=up",
+    [(status, _)] = fetch_all(host, [("https://127.0.0.1:9090/api/v1/query?query=up",
                                       "intruder:/etc/prometheus/web-login")])
     assert status == 401
+
+
+PLAIN_HTTP_ANSWER = "Client sent an HTTP request to an HTTPS server."
+
+
+def test_tls_only_with_a_certificate_of_the_internal_ca(host, monitored):
+    # Over the network from the monitored host: plain http is answered with Go's fixed 400 and nothing
+    # else (no data, not even the login prompt), with or without a login; a client that does not
+    # trust the internal CA fails verification before any request is sent; one that does gets in.
+    plain = [f"http://gm-mol-monitoring:{port}{path}" for port, path in ((9090, "/api/v1/query?query=up"),
+                                                                         (9090, "/metrics"),
+                                                                         (9093, "/api/v2/status"))]
+    # (The wrong password: the real one is never sent in plaintext.)
+    asked = ([(u, login) for u in plain for login in (NO_LOGIN, WRONG_LOGIN)]
+             + [(f"untrusted+https://gm-mol-monitoring:{port}/-/ready", NO_LOGIN) for port in (9090, 9093)])
+    answers = fetch_all(monitored, asked)
+    for (url, _), (status, body) in zip(asked, answers, strict=True):
+        if url.startswith("http://"):
+            assert (status, body.strip()) == (400, PLAIN_HTTP_ANSWER), (url, status, body[:200])
+        else:
+            assert status == 0 and "CERTIFICATE_VERIFY_FAILED" in body, (url, status, body[:200])
+    # One round trip for the files: the key's owner and mode, whether another user can read it, the
+    # installed CA, the web configuration and the Prometheus configuration.
+    key = "/etc/grandmodel/pki/monitoring.key"
+    out = host.check_output(
+        f"stat -c '%U %G %a' {key}; runuser -u nobody -- cat {key} >/dev/null 2>&1 && echo readable || echo denied;"
+        " for f in /etc/grandmodel/pki/ca.crt /etc/prometheus/web-config.yml /etc/prometheus/prometheus.yml;"
+        " do base64 -w0 $f; echo; done").splitlines()
+    ca, web, config = (base64.b64decode(line).decode() for line in out[2:5])
+    # The key is readable by the service user only; the CA is the run's.
+    assert out[:2] == ["prometheus prometheus 600", "denied"], out[:2]
+    assert ca.strip() == controller_ca().strip()
+    assert yaml.safe_load(web)["tls_server_config"] == {
+        "cert_file": "/etc/grandmodel/pki/monitoring.crt", "key_file": key, "min_version": "TLS12"}
+    # The Prometheus configuration: its own jobs and the Alertmanager link verify against the CA.
+    parsed = yaml.safe_load(config)
+    links = [j for j in parsed["scrape_configs"] if j["job_name"] in ("prometheus", "alertmanager")]
+    links += parsed["alerting"]["alertmanagers"]
+    assert len(links) == 3 and all(
+        (link["scheme"], link["tls_config"]) == ("https", {"ca_file": "/etc/grandmodel/pki/ca.crt"})
+        for link in links), links
+
+
+# On the monitoring host, as root, in one round trip: the subject each service presents on a new handshake,
+# then the same after the issued certificate is replaced by one made here (same key, self-signed, CN
+# gm-test-swap), then after the issued one is put back (always, even on an error), and the services'
+# process ids before and after. Prints JSON.
+SWAP = r"""
+import datetime, json, ssl, subprocess
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+CRT, KEY = "/etc/grandmodel/pki/monitoring.crt", "/etc/grandmodel/pki/monitoring.key"
+def served():
+    names = []
+    for port in (9090, 9093):
+        cert = x509.load_pem_x509_certificate(ssl.get_server_certificate(("127.0.0.1", port)).encode())
+        names.append(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+    return names
+def pids():
+    return subprocess.check_output(["systemctl", "show", "-p", "MainPID", "--value", "prometheus",
+                                    "prometheus-alertmanager"], text=True).split()
+report = {"pids_before": pids(), "before": served()}
+key = serialization.load_pem_private_key(open(KEY, "rb").read(), None)
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gm-test-swap")])
+now = datetime.datetime.now(datetime.timezone.utc)
+swap = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(hours=1)).sign(key, hashes.SHA256()))
+issued = open(CRT, "rb").read()
+try:
+    with open(CRT, "wb") as out:  # the same file (owner and mode kept), new content
+        out.write(swap.public_bytes(serialization.Encoding.PEM))
+    report["swapped"] = served()
+finally:
+    with open(CRT, "wb") as out:
+        out.write(issued)
+report["restored"] = served()
+report["pids_after"] = pids()
+print(json.dumps(report))
+"""
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(host):
+    # The exporter toolkit loads the certificate again on every handshake: the role does not restart
+    # Prometheus or Alertmanager when the pki role renews it. Proven by replacing the file under them.
+    encoded = base64.b64encode(SWAP.encode()).decode()
+    report = json.loads(host.check_output(f"echo {encoded} | base64 -d > /tmp/gm-test-swap.py"
+                                          " && python3 /tmp/gm-test-swap.py"))
+    assert report["before"] == report["restored"] == ["gm-mol-monitoring"] * 2, report
+    assert report["swapped"] == ["gm-test-swap"] * 2, report
+    assert report["pids_before"] == report["pids_after"] and "0" not in report["pids_before"], report
 
 
 def test_only_bcrypt_hashes_of_the_generated_password_are_stored(host):
@@ -183,13 +292,18 @@ def test_every_scrape_target_is_up(host):
     }
 
     def targets():
-        active = api(host, "http://127.0.0.1:9090/api/v1/targets")["data"]["activeTargets"]
+        active = api(host, "https://127.0.0.1:9090/api/v1/targets")["data"]["activeTargets"]
         seen = {(t["labels"]["job"], t["labels"]["instance"]): t for t in active}
         if set(seen) == expected and all(t["health"] == "up" for t in seen.values()):
             return seen
         return None
 
     seen = wait_for(targets, 90, "every scrape target up")
+    # Prometheus scrapes itself and Alertmanager over https, verifying their certificate against the CA.
+    own = {t["labels"]["job"]: t["scrapeUrl"] for t in seen.values()
+           if t["labels"]["job"] in ("prometheus", "alertmanager")}
+    assert own == {"prometheus": "https://gm-mol-monitoring:9090/metrics",
+                   "alertmanager": "https://gm-mol-monitoring:9093/metrics"}, own
     colours = {t["labels"]["instance"]: t["labels"].get("color") for t in seen.values()
                if t["labels"]["job"] == "grandmodel"}
     assert colours == {f"{MONITORED}:8001": "blue", f"{MONITORED}:8002": "green"}
@@ -220,7 +334,7 @@ def test_rule_unit_tests_pass_with_promtool(host):
 def test_deployed_rules_and_config_are_valid_and_loaded(host):
     assert host.run("promtool check config /etc/prometheus/prometheus.yml").rc == 0
     assert host.run("amtool check-config /etc/prometheus/alertmanager.yml").rc == 0
-    groups = api(host, "http://127.0.0.1:9090/api/v1/rules")["data"]["groups"]
+    groups = api(host, "https://127.0.0.1:9090/api/v1/rules")["data"]["groups"]
     names = {r["name"] for g in groups for r in g["rules"]}
     for alert in ("TargetDown", "GrandModelLiveColorDown", "GrandModelHighLatency", "GrandModelHighErrorRate",
                   "GrandModelNotReady",
@@ -236,9 +350,9 @@ def test_deployed_rules_and_config_are_valid_and_loaded(host):
     assert {r["health"] for g in groups for r in g["rules"]} == {"ok"}, groups
     assert all(g["lastEvaluation"][:4] == time.strftime("%Y", time.gmtime()) for g in groups), groups
     # Prometheus logs in to Alertmanager: it is an active target of the alerting link.
-    active = api(host, "http://127.0.0.1:9090/api/v1/alertmanagers")["data"]["activeAlertmanagers"]
-    assert [a["url"] for a in active] == ["http://gm-mol-monitoring:9093/api/v2/alerts"], active
-    status = api(host, "http://127.0.0.1:9093/api/v2/status")
+    active = api(host, "https://127.0.0.1:9090/api/v1/alertmanagers")["data"]["activeAlertmanagers"]
+    assert [a["url"] for a in active] == ["https://gm-mol-monitoring:9093/api/v2/alerts"], active
+    status = api(host, "https://127.0.0.1:9093/api/v2/status")
     am = yaml.safe_load(status["config"]["original"])
     route = am["route"]["routes"][0]
     assert (route["receiver"], route["matchers"]) == ("sink", ['severity=~"critical|warning"'])
@@ -253,7 +367,7 @@ def test_stopping_an_exporter_fires_target_down_and_notifies(host, monitored):
         wait_for(lambda: [a for a in alerts(host, "TargetDown", instance=instance) if a["state"] == "firing"],
                  60, "TargetDown firing")
         # Alertmanager holds it and delivered it through the sink route's webhook.
-        held = api(host, "http://127.0.0.1:9093/api/v2/alerts?filter=alertname%3D%22TargetDown%22")
+        held = api(host, "https://127.0.0.1:9093/api/v2/alerts?filter=alertname%3D%22TargetDown%22")
         assert any(a["labels"]["instance"] == instance for a in held), held
 
         def delivered():
@@ -358,7 +472,10 @@ def test_grafana_provisioning_is_valid_and_every_panel_query_parses(host):
     assert (source_file.user, source_file.group, source_file.mode) == ("root", "root", 0o640)
     datasource = yaml.safe_load(source_file.content_string)
     source = datasource["datasources"][0]
-    assert source["url"] == "http://127.0.0.1:9090"
+    assert source["url"] == "https://127.0.0.1:9090"
+    # It verifies Prometheus' certificate against the internal CA (PEM inline: Grafana takes no path).
+    assert (source["jsonData"]["tlsAuthWithCACert"], source["jsonData"]["tlsSkipVerify"]) == (True, False)
+    assert source["secureJsonData"]["tlsCACert"].strip() == controller_ca().strip()
     # The datasource logs in to Prometheus with the web login (compared by digest, never printed).
     assert (source["basicAuth"], source["basicAuthUser"]) == (True, WEB_USER)
     assert digest(source["secureJsonData"]["basicAuthPassword"]) == digest(controller_secret("monitoring_web_password"))
@@ -404,6 +521,8 @@ BAD_INPUTS = [
                  "the Redis exporter needs exporters_redis_password", id="redis-empty-password"),
     pytest.param("grafana", None, {"grafana_prometheus_url": "prometheus"},
                  "grafana_prometheus_url must be an http(s) URL", id="grafana-bad-url"),
+    pytest.param("monitoring", None, {"monitoring_tls_cert_file": "/etc/ssl/certs/monitoring.pem"},
+                 "are absolute paths on the host given all three together", id="tls-cert-without-key"),
     pytest.param("monitoring", None, {"monitoring_web_password": ""},
                  "web login is not usable: monitoring_web_password is empty or shorter than 16 characters",
                  id="web-password-unset"),
@@ -416,6 +535,7 @@ BAD_INPUTS = [
 
 # Files a refused run must leave as they were (and the login must still work after it).
 GUARDED = ["/etc/prometheus/web-config.yml", "/etc/prometheus/web-login", "/etc/default/prometheus",
+           "/etc/grandmodel/pki/monitoring.crt", "/etc/grandmodel/pki/monitoring.key",
            "/etc/grafana/grafana.ini", "/etc/grafana/provisioning/datasources/grandmodel.yml"]
 
 
@@ -469,7 +589,7 @@ def test_check_mode_reports_no_change_on_the_converged_hosts(bad_input_runs):
 def test_refused_inputs_changed_nothing_and_the_login_still_works(host, bad_input_runs):
     _, before = bad_input_runs["guarded-before"]
     assert host.check_output("sha256sum " + " ".join(GUARDED)) == before
-    answers = fetch_all(host, [("http://127.0.0.1:9090/-/ready", OWN_LOGIN),
-                               ("http://127.0.0.1:9093/-/ready", OWN_LOGIN),
-                               ("http://127.0.0.1:9090/-/ready", NO_LOGIN)])
+    answers = fetch_all(host, [("https://127.0.0.1:9090/-/ready", OWN_LOGIN),
+                               ("https://127.0.0.1:9093/-/ready", OWN_LOGIN),
+                               ("https://127.0.0.1:9090/-/ready", NO_LOGIN)])
     assert [status for status, _ in answers] == [200, 200, 401]
