@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--releases", nargs=2, default=["2026.11.0", "2026.11.1"])
     parser.add_argument("--rollback-playbook", default="switch_back.yml", choices=ROLLBACKS,
                         help="how each repetition returns to the old colour")
+    parser.add_argument("--weight-steps", type=int, nargs="+", default=[100],
+                        help="rollout_weight_steps of each release (default 100: all at once, as the targets assume)")
     parser.add_argument("--toggles", type=int, default=10,
                         help="extra switch_back.yml runs between the two warm colours after the repetitions")
     args = parser.parse_args(argv)
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         live_color = str(live["color"])
         new_color = "green" if live_color == "blue" else "blue"
         for playbook, extra, expect in (
-            ("rollout.yml", ["-e", f"release_version={target}"], new_color),
+            ("rollout.yml", ["-e", f"release_version={target}",
+                             "-e", json.dumps({"rollout_weight_steps": args.weight_steps})], new_color),
             (args.rollback_playbook, [], live_color),
         ):
             run = measured(args.inventory, playbook, extra, args.port, args.rate, args.app_host, expect)
