@@ -140,7 +140,9 @@ def second_runs(host, first_runs) -> Iterator[dict[str, Any]]:
                           f"-nodes -days 2 -subj /CN=h9-short -keyout {cert_dir}/short.key "
                           f"-out {cert_dir}/short.crt 2>/dev/null")
         host.check_output(f"setsid -f sh -c 'exec python3 -m http.server {port} --bind 0.0.0.0 >/dev/null 2>&1'")
-        superuser(host, f"CREATE ROLE {role} LOGIN PASSWORD '{pg_password}'")
+        # Not kept in pg_stat_statements (which keeps utility statements' text, passwords included).
+        superuser(host, "SET pg_stat_statements.track_utility = off; "
+                        f"CREATE ROLE {role} LOGIN PASSWORD '{pg_password}'")
         admin_redis(host, "ACL", "SETUSER", user, "on", f">{redis_password}", "~h9:*", "+get")
         deadline = time.monotonic() + 15
         while f":{port}" not in host.check_output(f"ss -Htln 'sport = :{port}'") and time.monotonic() < deadline:
