@@ -27,7 +27,7 @@ CANDIDATE = "/var/lib/grandmodel-firewall/candidate.nft"
 CONFIRM_TIMEOUT = 16  # firewall_confirm_timeout in molecule.yml
 
 # Ports probed on the target: what the scenario's services would use, open or not.
-PROBED = [22, 80, 443, 3000, 5432, 6379, 8001, 9090, 9100, 9187]
+PROBED = [22, 80, 443, 3000, 5432, 6379, 8001, 8432, 9090, 9100, 9187]
 # Open ports by source: SSH to the admin network (the controller), the front door (lb) to the client
 # network (every container and the gateway), PostgreSQL (db) to the app group. Nothing else.
 EXPECTED = {
@@ -124,6 +124,11 @@ def test_ruleset_is_loaded_confirmed_and_persisted(host):
     # Only our table: the ruleset does not flush the tables of others.
     assert host.run("nft -c -f /etc/nftables.d/grandmodel.nft").rc == 0
     assert "flush ruleset" not in host.file(CONFIRMED).content_string
+    # pgBackRest's TLS port is open on a database host to the backup_repo group only, which has no host
+    # in this scenario: the rule is written, and admits nobody (8432 is probed filtered from everywhere).
+    ruleset = host.file(CONFIRMED).content_string
+    assert "# pgbackrest_database: tcp 8432 from backup_repo" in ruleset
+    assert "dport { 8432 } accept" not in ruleset
 
 
 def test_each_source_reaches_exactly_the_ports_the_rules_allow(host, listeners):
