@@ -59,6 +59,16 @@ ALLOWED: dict[tuple[str, str], str] = {
         "names the variable redis_admin_password in its advice, never its value",
     ("roles/rollout/tasks/k8s_plan.yml", "Assert the gates can reach both colours"):
         "says whether a token was found ('a token' / 'no token'), never prints the headers",
+    ("playbooks/runbooks/access_review.yml", "Read sudoers, the accounts and their password state"):
+        "password state is passwd -S's status letter (P/L/NP); sudoers lines name users, never hashes",
+    ("playbooks/runbooks/access_review.yml", "Keep the sudoers entries and the login accounts"):
+        "keeps the status letter under the key 'password'; /etc/shadow is never read",
+    ("playbooks/runbooks/access_review.yml", "Write the report for people"):
+        "the report lists account names and password status letters; the secrets are masked before it",
+    ("playbooks/runbooks/security_check.yml", "Find world-readable files under the secret paths"):
+        "prints the paths of world-readable files under the secret folders, never their contents",
+    ("playbooks/runbooks/security_check.yml", "Keep this host's findings"):
+        "keeps those paths and the listeners; no file content is read",
     ("playbooks/awx_apply.yml", "Ensure the project (this repository) exists and is synced"):
         "credential is the NAME of an AWX credential object; the secret stays in AWX",
     ("playbooks/awx_apply.yml", "Ensure the job templates exist with their surveys"):
@@ -71,7 +81,7 @@ def task_files() -> Iterator[Path]:
     yield from sorted(roles.glob("*/tasks/*.yml"))
     yield from sorted(roles.glob("*/handlers/*.yml"))
     yield from sorted((COLLECTION / "playbooks").glob("*.yml"))
-    yield from sorted((REPO / "playbooks").glob("*.yml"))
+    yield from sorted((REPO / "playbooks").rglob("*.yml"))
     yield REPO / "site.yml"
 
 
