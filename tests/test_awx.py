@@ -51,6 +51,11 @@ REQUIRED_PLAYBOOKS = {
     "playbooks/runbooks/resume.yml",
     "playbooks/runbooks/daily_health.yml",
     "playbooks/runbooks/change_freeze.yml",
+    "playbooks/runbooks/pre_market.yml",
+    "playbooks/runbooks/post_market.yml",
+    "playbooks/runbooks/degradation.yml",
+    "playbooks/runbooks/security_check.yml",
+    "playbooks/runbooks/access_review.yml",
 }
 ARGSPEC_TYPES = {"str", "int", "bool", "list", "float"}
 
@@ -483,7 +488,8 @@ def test_every_template_notifies_on_failure() -> None:
 
 RRULE = re.compile(
     r"DTSTART;TZID=(?P<tz>[A-Za-z_]+/[A-Za-z_]+):(?P<start>\d{8}T\d{6}) "
-    r"RRULE:FREQ=(?:DAILY|WEEKLY)(?:;INTERVAL=\d+)?(?:;BYDAY=(?:MO|TU|WE|TH|FR|SA|SU)(?:,(?:MO|TU|WE|TH|FR|SA|SU))*)?"
+    r"RRULE:FREQ=(?:DAILY|WEEKLY|MONTHLY)(?:;INTERVAL=\d+)?(?:;BYDAY=(?:MO|TU|WE|TH|FR|SA|SU)(?:,(?:MO|TU|WE|TH|FR|SA|SU))*)?"
+    r"(?:;BYMONTHDAY=\d{1,2})?"
 )
 
 
@@ -526,12 +532,12 @@ def test_daily_health_runs_before_the_open_on_exchange_days() -> None:
     assert all((t.hour, t.minute) < (9, 30) for t in local), "the health check must end before the 09:30 open"
 
 
-@pytest.mark.parametrize("schedule", [s for s in DEFS["awx_schedules"] if "extra_data" in s], ids=lambda s: s["name"])
+@pytest.mark.parametrize("schedule", DEFS["awx_schedules"], ids=lambda s: s["name"])
 def test_schedule_answers_are_survey_answers_its_template_accepts(schedule: dict[str, Any]) -> None:
-    """A schedule's extra_data is launched as survey answers: each key a survey variable, each value valid."""
-    survey = {q["variable"]: q for q in TEMPLATES[schedule["template"]]["survey"]}
-    assert schedule["extra_data"], f"{schedule['name']}: empty extra_data"
-    for variable, value in schedule["extra_data"].items():
+    """A schedule's extra_data is launched as survey answers: each key a survey variable, each value valid, and
+    every required survey answer given (a scheduled launch cannot ask)."""
+    survey = {q["variable"]: q for q in (TEMPLATES.get(schedule["template"]) or {}).get("survey", [])}
+    for variable, value in schedule.get("extra_data", {}).items():
         assert variable in survey, f"{schedule['name']}: {variable} is not a survey variable of {schedule['template']}"
         question = survey[variable]
         if question["type"] == "str":
@@ -540,22 +546,31 @@ def test_schedule_answers_are_survey_answers_its_template_accepts(schedule: dict
             assert value in question["choices"], f"{schedule['name']}: {variable}={value!r} not a choice"
         if "max" in question:
             assert len(str(value)) <= question["max"]
-    missing = [v for v, q in survey.items() if q.get("required") and v not in schedule["extra_data"]]
+    missing = [v for v, q in survey.items() if q.get("required") and v not in schedule.get("extra_data", {})]
     assert not missing, f"{schedule['name']}: the required survey answers {missing} are not given"
 
 
 def test_the_freeze_covers_the_session_and_is_lifted_after_the_close() -> None:
-    """Set before the 09:30 open and lifted after the 16:00 close, on the same exchange days."""
-    freeze = [s for s in DEFS["awx_schedules"]
-              if TEMPLATES[s["template"]]["playbook"] == "playbooks/runbooks/change_freeze.yml"]
-    by_state = {s["extra_data"]["change_freeze"]: s for s in freeze}
-    assert sorted(by_state) == ["off", "on"] and len(freeze) == 2
+    """Pre-market (which sets the freeze) before the 09:30 open, post-market (which lifts it) after the 16:00 close,
+    on the same exchange days; no other schedule touches the freeze."""
+    by_book = {TEMPLATES[s["template"]]["playbook"]: s for s in DEFS["awx_schedules"]}
+    assert "playbooks/runbooks/change_freeze.yml" not in by_book, "the freeze is set and lifted by pre/post-market"
+    pre, post = by_book["playbooks/runbooks/pre_market.yml"], by_book["playbooks/runbooks/post_market.yml"]
     start = datetime(2027, 3, 8, tzinfo=UTC)
-    on = [r.astimezone(EXCHANGE_TZ) for r in occurrences(by_state["on"]["rrule"], start, 15)]
-    off = [r.astimezone(EXCHANGE_TZ) for r in occurrences(by_state["off"]["rrule"], start, 15)]
+    on = [r.astimezone(EXCHANGE_TZ) for r in occurrences(pre["rrule"], start, 15)]
+    off = [r.astimezone(EXCHANGE_TZ) for r in occurrences(post["rrule"], start, 15)]
     assert [t.date() for t in on] == [t.date() for t in off]
     assert {t.weekday() for t in on} == {0, 1, 2, 3, 4}
     assert all((t.hour, t.minute) < (9, 30) for t in on) and all((t.hour, t.minute) >= (16, 0) for t in off)
+    text = _read("playbooks/runbooks/pre_market.yml")
+    assert 'change_freeze: "on"' in text and 'change_freeze: "off"' in _read("playbooks/runbooks/post_market.yml")
+
+
+def test_the_access_review_runs_monthly() -> None:
+    (review,) = (s for s in DEFS["awx_schedules"]
+                 if TEMPLATES[s["template"]]["playbook"] == "playbooks/runbooks/access_review.yml")
+    local = [r.astimezone(EXCHANGE_TZ) for r in occurrences(review["rrule"], datetime(2027, 3, 8, tzinfo=UTC), 12)]
+    assert {t.day for t in local} == {1} and len({t.month for t in local}) == 12
 
 
 def test_drift_check_runs_daily() -> None:
