@@ -195,13 +195,15 @@ def _restore_confirm() -> dict[str, Any]:
     return {"type": "str", "required": True}
 
 
-def _emergency_stop_reason() -> dict[str, Any]:
-    # Optional text, cut to the length the playbook keeps (a longer survey answer would be cut silently).
-    text = _read("playbooks/runbooks/emergency_stop.yml")
-    kept = re.search(r"emergency_stop_reason \| default\('[^']*', true\) \| string\)[^}]*truncate\((\d+),", text)
-    assert kept, "emergency_stop.yml no longer cuts emergency_stop_reason to a length"
-    assert "#   emergency_stop_reason (str):" in text
-    return {"type": "str", "max": int(kept.group(1))}
+def _cut_text(playbook: str, variable: str) -> Callable[[], dict[str, Any]]:
+    """Optional text the playbook cuts to a length (a longer survey answer would be cut silently)."""
+    def spec() -> dict[str, Any]:
+        text = _read(playbook)
+        kept = re.search(rf"{variable} \| default\('[^']*', true\) \| string\)[^}}]*truncate\((\d+),", text)
+        assert kept, f"{playbook} no longer cuts {variable} to a length"
+        assert f"#   {variable} (str):" in text
+        return {"type": "str", "max": int(kept.group(1))}
+    return spec
 
 
 def _change_freeze() -> dict[str, Any]:
@@ -210,14 +212,6 @@ def _change_freeze() -> dict[str, Any]:
     assert choices, "change_freeze.yml no longer checks change_freeze against its choices"
     assert "#   change_freeze (str):" in text
     return {"type": "str", "required": True, "choices": yaml.safe_load(choices.group(1))}
-
-
-def _change_freeze_reason() -> dict[str, Any]:
-    text = _read("playbooks/runbooks/change_freeze.yml")
-    kept = re.search(r"change_freeze_reason \| default\('[^']*', true\) \| string\)[^}]*truncate\((\d+),", text)
-    assert kept, "change_freeze.yml no longer cuts change_freeze_reason to a length"
-    assert "#   change_freeze_reason (str):" in text
-    return {"type": "str", "max": int(kept.group(1))}
 
 
 # Inputs documented in a playbook header but not in any argument_specs: their spec is read from the code
@@ -229,9 +223,9 @@ EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
     "restore_confirm": _restore_confirm,
     "restore_postgresql_file": lambda: {"type": "str"},
     "restore_redis_file": lambda: {"type": "str"},
-    "emergency_stop_reason": _emergency_stop_reason,
+    "emergency_stop_reason": _cut_text("playbooks/runbooks/emergency_stop.yml", "emergency_stop_reason"),
     "change_freeze": _change_freeze,
-    "change_freeze_reason": _change_freeze_reason,
+    "change_freeze_reason": _cut_text("playbooks/runbooks/change_freeze.yml", "change_freeze_reason"),
 }
 
 
