@@ -86,7 +86,7 @@ def test_the_role_applies_switch_safely_and_idempotently(cluster: tuple[FakeClus
     assert paths[0] == f"/api/v1/namespaces/{NS}" and len(paths) == 15
     assert all("fieldManager=quantnova.grandmodel.k8s_workloads" in r["path"]
                for r in server.requests[since:] if r["method"] == "PATCH")
-    assert server.get("v1", "secrets", NS, "grandmodel-admin-token")["stringData"] == {"admin-token": TOKEN}
+    assert server.get("v1", "secrets", NS, "grandmodel-admin")["stringData"] == {"admin-token": TOKEN}
     live = server.get("v1", "services", NS, "grandmodel")
     assert live["spec"]["selector"]["grandmodel.quantnova.io/color"] == "blue"
     assert server.get("apps/v1", "deployments", NS, "grandmodel-green") is None
