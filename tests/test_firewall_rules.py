@@ -273,3 +273,15 @@ def test_a_bad_port_or_range_is_refused_and_named(tmp_path: Path, ports: list[ob
     assert "firewall_services entry 'bad_ports' is invalid" in output, output
     assert f"wrong: {wrong})" in " ".join(output.split()), output
     assert not (tmp_path / "worker1.nft").exists()  # nothing rendered after the refusal
+
+
+def test_the_kubernetes_role_keeps_the_bind_addresses_the_rules_assume():
+    # No rule for 10257/10259 and the NodePort range at kube-proxy's default are right only while the
+    # kubernetes role leaves kubeadm's defaults alone: controller-manager and scheduler on 127.0.0.1,
+    # kube-proxy's NodePorts in 30000-32767. A change there must come with a firewall change.
+    kubeadm = (COLLECTION / "roles" / "kubernetes" / "vars" / "main.yml").read_text()
+    template = (COLLECTION / "roles" / "kubernetes" / "templates" / "kubeadm-config.yaml.j2").read_text()
+    for text in (kubeadm, template):
+        for setting in ("bind-address", "controllerManager", "scheduler", "service-node-port-range",
+                        "KubeProxyConfiguration", "nodePortAddresses", "healthzBindAddress"):
+            assert setting not in text, f"the kubernetes role now sets {setting}: review firewall_services"
