@@ -81,9 +81,10 @@ SURVEYED = [(name, q) for name, t in (TEMPLATES | WORKFLOWS).items() for q in t.
 
 
 def imported_path(playbook: Path, imported: str) -> Path:
-    """The file an import_playbook names: a collection playbook (quantnova.grandmodel.x) or a relative path."""
+    """The file an import_playbook names: a collection playbook (quantnova.grandmodel.x, or
+    quantnova.grandmodel.runbooks.x for one in a subfolder) or a relative path."""
     if imported.startswith("quantnova.grandmodel."):
-        return COLLECTION / "playbooks" / f"{imported.rsplit('.', 1)[1]}.yml"
+        return COLLECTION / "playbooks" / (imported.removeprefix("quantnova.grandmodel.").replace(".", "/") + ".yml")
     return playbook.parent / imported
 
 

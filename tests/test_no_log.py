@@ -80,7 +80,7 @@ def task_files() -> Iterator[Path]:
     roles = COLLECTION / "roles"
     yield from sorted(roles.glob("*/tasks/*.yml"))
     yield from sorted(roles.glob("*/handlers/*.yml"))
-    yield from sorted((COLLECTION / "playbooks").glob("*.yml"))
+    yield from sorted((COLLECTION / "playbooks").rglob("*.yml"))
     yield from sorted((REPO / "playbooks").rglob("*.yml"))
     yield REPO / "site.yml"
 
