@@ -146,7 +146,7 @@ def window_seconds(window: str) -> float:
     match = _DURATION.match(window or "")
     if not window or not match:
         raise AnalysisError("window %r is not a Prometheus duration such as 30s, 5m or 1h30m" % (window,))
-    seconds = sum(int(n) * unit for n, unit in zip(match.groups(), _DURATION_UNITS, strict=True) if n)
+    seconds = sum(int(n) * _DURATION_UNITS[i] for i, n in enumerate(match.groups()) if n)
     if seconds <= 0:
         raise AnalysisError("window %r is empty: give a positive duration such as 5m" % (window,))
     return float(seconds)
