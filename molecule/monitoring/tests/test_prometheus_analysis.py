@@ -213,6 +213,11 @@ def runs():
     seconds = time.monotonic() - started
     print(f"\nprometheus_analysis: {len(results)} analyses on the real Prometheus in {seconds:.1f}s ("
           + ", ".join(f"{mark} at {at:.1f}s" for mark, at in marks.items()) + ")")
+    for name, result in results.items():
+        shown = {c: f"{m['request_rate']:.2f} req/s, {m['error_ratio'] or 0:.4f} 5xx, p95 {m['latency_ms'] or 0:.2f} ms"
+                 for c, m in result["measurements"].items()}
+        print(f"  {name}: {result['outcome']} ({result['reason']}) {shown} {result.get('failed_checks', [])}"
+              f" {result.get('msg', '')}")
     return results
 
 

@@ -307,9 +307,9 @@ def main():
                          % (config.candidate.color, config.baseline.color if config.baseline else "no baseline",
                             params["url"], exc))
     if result["outcome"] in params["fail_on"]:
-        module.fail_json(msg="Release analysis of %s against %s from Prometheus at %s over %s is %s: %s"
+        module.fail_json(msg="Release analysis of %s against %s from Prometheus at %s over %s: %s"
                          % (result["candidate"], result["baseline"] or "no baseline", params["url"],
-                            result["window"], result["outcome"], result["message"]), **result)
+                            result["window"], result["message"]), **result)
     module.exit_json(changed=False, **result)
 
 
