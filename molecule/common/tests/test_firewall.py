@@ -1,8 +1,10 @@
 """Verify quantnova.grandmodel.firewall from the network: real TCP connects from each side.
 
-gm-mol-common (groups db, lb) carries the firewall. gm-mol-common-app (group app) and
-gm-mol-common-out (no group) probe it from inside their containers; the controller probes it from
-the podman bridge's gateway address (the scenario's admin network).
+gm-mol-common (groups db, lb, cache, k8s_control_plane) and gm-mol-common-app (app, monitoring,
+k8s_workers) carry the firewall; gm-mol-common-out (no group) is the outsider. Every host probes the
+other firewalled hosts from inside its container, and the controller probes them from the podman
+bridge's gateway address (the scenario's admin network). Every container and the gateway are in the
+client network.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,15 +29,65 @@ CONFIRMED = "/etc/nftables.d/grandmodel.nft"
 CANDIDATE = "/var/lib/grandmodel-firewall/candidate.nft"
 CONFIRM_TIMEOUT = 16  # firewall_confirm_timeout in molecule.yml
 
-# Ports probed on the target: what the scenario's services would use, open or not.
-PROBED = [22, 80, 443, 3000, 5432, 6379, 8001, 8432, 9090, 9100, 9187]
-# Open ports by source: SSH to the admin network (the controller), the front door (lb) to the client
-# network (every container and the gateway), PostgreSQL (db) to the app group. Nothing else.
-EXPECTED = {
-    "controller": {22, 80, 443},
-    "gm-mol-common-app": {80, 443, 5432},
-    "gm-mol-common-out": {80, 443},
+# The inventory groups of the scenario's hosts (molecule.yml); the controller is in none.
+GROUPS = {
+    "gm-mol-common": {"db", "lb", "cache", "k8s_control_plane"},
+    "gm-mol-common-app": {"app", "monitoring", "k8s_workers"},
+    "gm-mol-common-out": set(),
+    "controller": set(),
 }
+FIREWALLED = ["gm-mol-common", "gm-mol-common-app"]
+# The networks each source is in: the controller (the gateway) is the admin network; everybody is a client.
+NETWORKS = {"controller": {"admin", "client"}, "gm-mol-common": {"client"}, "gm-mol-common-app": {"client"},
+            "gm-mol-common-out": {"client"}}
+K8S = {"k8s_control_plane", "k8s_workers"}
+# The promise, written independently of the role's defaults (issue 17 item 1 and docs/security.md):
+# TCP port -> (groups whose hosts serve it, groups and networks that may reach it). A port served by no
+# group ("none") must be closed everywhere: a Redis plaintext port, the controller-manager and scheduler
+# (bound to 127.0.0.1 by kubeadm), the ports just outside the NodePort range.
+POLICY: dict[int, tuple[set[str], set[str]]] = {
+    22: ({"all"}, {"admin"}),
+    80: ({"lb"}, {"client"}),
+    443: ({"lb"}, {"client"}),
+    5432: ({"db", "timeseries"}, {"app", "monitoring"}),
+    6380: ({"cache"}, {"app"}),
+    8001: ({"app"}, {"lb"}),
+    8002: ({"app"}, {"lb"}),
+    8432: ({"db"}, {"backup_repo"}),
+    9100: ({"all"}, {"monitoring"}),
+    9187: ({"db"}, {"monitoring"}),
+    9121: ({"cache"}, {"monitoring"}),
+    9113: ({"lb"}, {"monitoring"}),
+    9090: ({"monitoring"}, {"monitoring", "admin"}),
+    9093: ({"monitoring"}, {"monitoring", "admin"}),
+    9094: ({"monitoring"}, {"monitoring"}),
+    3000: ({"monitoring"}, {"admin"}),
+    6443: ({"k8s_control_plane"}, K8S | {"admin"}),
+    2379: ({"k8s_control_plane"}, {"k8s_control_plane"}),
+    2380: ({"k8s_control_plane"}, {"k8s_control_plane"}),
+    10250: (K8S, {"k8s_control_plane"}),
+    10256: (K8S, {"lb"}),
+    30000: (K8S, {"lb"}),
+    31000: (K8S, {"lb"}),
+    32767: (K8S, {"lb"}),
+    6379: ({"none"}, set()),
+    10257: ({"none"}, set()),
+    10259: ({"none"}, set()),
+    29999: ({"none"}, set()),
+    32768: ({"none"}, set()),
+}
+PROBED = sorted(POLICY)
+# A NodePort that kube-proxy would DNAT to a pod: stood in for on gm-mol-common-app by a nat table that
+# forwards it to a listener on gm-mol-common-out (no local listener on it).
+NODEPORT, POD_PORT = 30080, 18080
+
+
+def expected_open(target: str, source: str) -> set[int]:
+    """The ports of `target` that `source` may open, by the policy."""
+    source_in = GROUPS[source] | NETWORKS[source]
+    return {port for port, (served_by, reached_from) in POLICY.items()
+            if served_by & (GROUPS[target] | {"all"}) and reached_from & source_in}
+
 
 # Connects to every port at once, each with a short timeout: "open" (connected), "refused" (the host
 # answered with a reset: reached, nothing listening) or "filtered" (no answer: dropped).
@@ -44,7 +97,7 @@ from concurrent.futures import ThreadPoolExecutor
 address, ports = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
 def probe(port):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(2.0)
+    sock.settimeout(1.0)
     try:
         sock.connect((address, port))
         return port, "open"
@@ -89,6 +142,12 @@ def probe_from(source: str, address: str, ports: list[int]) -> dict[int, str]:
     return {int(port): state for port, state in json.loads(out).items()}
 
 
+def probe_all(probes: list[tuple[str, str, list[int]]]) -> list[dict[int, str]]:
+    """probe_from for several (source, address, ports) at once: each costs the connect timeout."""
+    with ThreadPoolExecutor(len(probes)) as pool:
+        return list(pool.map(lambda args: probe_from(*args), probes))
+
+
 def run_firewall_playbook(extra_vars: dict[str, object], *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO_DIR / "firewall.yml"),
@@ -101,17 +160,31 @@ def live_table(host) -> str:
     return host.check_output(f"nft list table {TABLE}")
 
 
-@pytest.fixture(scope="module")
-def listeners(host):
-    ports = ",".join(str(p) for p in PROBED if p != 22)
-    host.run("systemctl stop gm-fw-probe-listeners.service")
-    host.check_output(f"systemd-run --unit gm-fw-probe-listeners --collect python3 -c '{LISTENER}' {ports}")
+def in_container(container: str, command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", "exec", container, "sh", "-c", command],
+                          capture_output=True, text=True, check=False, timeout=60)
+
+
+def start_listener(container: str, unit: str, ports: list[int]) -> None:
+    in_container(container, f"systemctl stop {unit}.service")
+    started = in_container(container, f"systemd-run --unit {unit} --collect python3 -c '{LISTENER}' "
+                                      + ",".join(map(str, ports)))
+    assert started.returncode == 0, started.stderr
     for _ in range(50):
-        if all(state == "open" for state in probe_from(TARGET, "127.0.0.1", PROBED).values()):
-            break
+        if all(state == "open" for state in probe_from(container, "127.0.0.1", ports).values()):
+            return
         time.sleep(0.1)
+    raise AssertionError(f"{unit} on {container} does not answer on {ports}")
+
+
+@pytest.fixture(scope="module")
+def listeners():
+    ports = [p for p in PROBED if p != 22]
+    for target in FIREWALLED:
+        start_listener(target, "gm-fw-probe-listeners", ports)
     yield
-    host.run("systemctl stop gm-fw-probe-listeners.service")
+    for target in FIREWALLED:
+        in_container(target, "systemctl stop gm-fw-probe-listeners.service")
 
 
 def test_ruleset_is_loaded_confirmed_and_persisted(host):
@@ -131,25 +204,116 @@ def test_ruleset_is_loaded_confirmed_and_persisted(host):
     assert "dport { 8432 } accept" not in ruleset
 
 
-def test_each_source_reaches_exactly_the_ports_the_rules_allow(host, listeners):
-    address = address_of(TARGET)
-    # Loopback is always allowed: every listener answers from the host itself.
-    assert set(probe_from(TARGET, "127.0.0.1", PROBED).values()) == {"open"}
+def test_the_app_host_ruleset_is_loaded_and_confirmed():
+    table = in_container("gm-mol-common-app", f"nft list table {TABLE}").stdout
+    assert "policy drop;" in table and "chain prerouting" in table, table
+    assert in_container("gm-mol-common-app", "systemctl is-active grandmodel-firewall-rollback.timer").returncode
+    same = in_container("gm-mol-common-app", f"cmp {CONFIRMED} {CANDIDATE}")
+    assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_each_source_reaches_exactly_the_ports_the_rules_allow(listeners):
+    """The expected-vs-found port table: every firewalled host, from every other scenario host and the
+    controller, every probed port; any port open that should not be, or closed that should be, fails."""
     rows, wrong = [], []
-    for source, expected in EXPECTED.items():
-        found = probe_from(source, address, PROBED)
-        opened = {port for port, state in found.items() if state == "open"}
-        # A closed port is dropped (no reset that would tell a scanner the host is there).
-        assert {state for port, state in found.items() if port not in opened} <= {"filtered"}, found
-        rows.append(f"{source:<20} expected {sorted(expected)!s:<22} found {sorted(opened)}")
-        if opened != expected:
-            wrong.append(source)
-    table = "\n".join([f"port table of {TARGET} ({address}), probed {PROBED}:", *rows])
+    addresses = {target: address_of(target) for target in FIREWALLED}
+    pairs = [(target, source) for target in FIREWALLED for source in GROUPS if source != target]
+    # Loopback is always allowed: every listener answers from the host itself.
+    local = probe_all([(target, "127.0.0.1", PROBED) for target in FIREWALLED])
+    assert all(set(found.values()) == {"open"} for found in local), local
+    results = dict(zip(pairs, probe_all([(source, addresses[target], PROBED) for target, source in pairs]),
+                       strict=True))
+    for target in FIREWALLED:
+        address = addresses[target]
+        groups = ", ".join(sorted(GROUPS[target]))
+        rows.append(f"{target} ({address}; groups {groups}), {len(PROBED)} TCP ports probed: {PROBED}")
+        for source in [s for s in GROUPS if s != target]:
+            found = results[(target, source)]
+            opened = {port for port, state in found.items() if state == "open"}
+            expected = expected_open(target, source)
+            # A closed port is dropped (no reset that would tell a scanner the host is there).
+            refused = sorted(port for port, state in found.items() if state == "refused")
+            missing, extra = sorted(expected - opened), sorted(opened - expected)
+            verdict = "ok" if not (missing or extra or refused) else (
+                f"WRONG: closed but expected {missing}, open but not expected {extra}, reset {refused}")
+            label = f"{source} [{', '.join(sorted(GROUPS[source] | NETWORKS[source]))}]"
+            rows.append(f"  from {label:<48} expected {sorted(expected)}")
+            rows.append(f"  {'':<53} found    {sorted(opened)}  {verdict}")
+            if verdict != "ok":
+                wrong.append(f"{source} -> {target}")
+    table = "\n".join(["expected-vs-found port table (tests/test_firewall.py; every other probed port closed)",
+                       *rows])
     report = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO_DIR.parent.parent)) / "reports"
     if report.is_dir():
         (report / "molecule-common-ports.txt").write_text(table + "\n")
     print(table)
     assert not wrong, table
+
+
+def test_the_policy_table_is_not_vacuous():
+    # Every source but the outsider must find some port open and some closed on every firewalled host; the
+    # outsider finds exactly the front door (issue 17 item 6), and nothing on a host without one.
+    for target in FIREWALLED:
+        for source in [s for s in GROUPS if s not in (target, "gm-mol-common-out")]:
+            assert expected_open(target, source), (source, target)
+            assert set(PROBED) - expected_open(target, source), (source, target)
+    assert expected_open("gm-mol-common", "gm-mol-common-out") == {80, 443}
+    assert expected_open("gm-mol-common-app", "gm-mol-common-out") == set()
+    # Every Kubernetes port of the policy is open to somebody in the scenario, or closed by design.
+    reached = {port for target in FIREWALLED for source in GROUPS if source != target
+               for port in expected_open(target, source)}
+    # etcd (2379-2380) is open to the control plane only, whose one host here is its target: probed
+    # closed from everywhere (tests/test_firewall_rules.py renders its open side with two such hosts).
+    assert {6443, 10250, 10256, 30000, 31000, 32767} <= reached
+    assert not {2379, 2380} & reached
+    assert not {10257, 10259, 29999, 32768, 6379} & reached
+
+
+@pytest.fixture()
+def nodeport_dnat():
+    """kube-proxy's NodePort path, stood in for: gm-mol-common-app DNATs NODEPORT (in prerouting, as
+    kube-proxy does) to a "pod" on gm-mol-common-out and masquerades, so the packet is forwarded and never
+    passes the input chain."""
+    pod = address_of("gm-mol-common-out")
+    start_listener("gm-mol-common-out", "gm-fw-pod", [POD_PORT])
+    nat = "\n".join([
+        "table ip gm-kubesim {",
+        "  chain pre {",
+        "    type nat hook prerouting priority dstnat;",
+        f"    fib daddr type local tcp dport {NODEPORT} dnat to {pod}:{POD_PORT}",
+        "  }",
+        "  chain post {",
+        "    type nat hook postrouting priority srcnat;",
+        f"    ip daddr {pod} tcp dport {POD_PORT} masquerade",
+        "  }",
+        "}",
+    ])
+    added = in_container("gm-mol-common-app", f"nft -f - <<'EOF'\n{nat}\nEOF")
+    assert added.returncode == 0, added.stderr
+    yield
+    in_container("gm-mol-common-app", "nft delete table ip gm-kubesim")
+    in_container("gm-mol-common-out", "systemctl stop gm-fw-pod.service")
+
+
+def test_a_nodeport_forwarded_by_dnat_is_still_open_to_the_load_balancers_only(nodeport_dnat):
+    app = "gm-mol-common-app"
+    address = address_of(app)
+    before = in_container(app, f"nft list table {TABLE}").stdout
+    # The lb host reaches the "pod" through the NodePort; the outsider and the controller do not.
+    lb, outsider, controller = probe_all([(source, address, [NODEPORT])
+                                          for source in ("gm-mol-common", "gm-mol-common-out", "controller")])
+    assert (lb, outsider, controller) == ({NODEPORT: "open"}, {NODEPORT: "filtered"}, {NODEPORT: "filtered"})
+    # Break it: without the prerouting chain the input chain alone does not stop the forwarded NodePort
+    # (the controller gets through), which is why the rule is enforced before the NAT.
+    dropped = in_container(app, f"nft flush chain {TABLE} prerouting && nft delete chain {TABLE} prerouting")
+    assert dropped.returncode == 0, dropped.stderr
+    try:
+        assert probe_from("controller", address, [NODEPORT]) == {NODEPORT: "open"}
+    finally:
+        restored = in_container(app, f"nft -f {CONFIRMED}")
+        assert restored.returncode == 0, restored.stderr
+    assert in_container(app, f"nft list table {TABLE}").stdout == before
+    assert probe_from("controller", address, [NODEPORT]) == {NODEPORT: "filtered"}
 
 
 def test_check_mode_reports_the_change_and_loads_nothing(host):
