@@ -61,7 +61,7 @@ options:
     description: The new colour and its traffic weight (any unit, the same as the baseline's).
     type: dict
     required: true
-    options:
+    suboptions:
       color:
         description: Value of the colour label.
         type: str
@@ -72,7 +72,7 @@ options:
   baseline:
     description: The colour that serves the release being replaced; needed for the relative thresholds.
     type: dict
-    options:
+    suboptions:
       color:
         description: Value of the colour label.
         type: str
@@ -112,7 +112,7 @@ options:
       - At least one. Absolute thresholds apply to the candidate; relative ones compare it with the baseline.
     type: dict
     required: true
-    options:
+    suboptions:
       error_ratio_max:
         description: Highest error ratio (5xx / all) of the candidate, for example V(0.01).
         type: float

@@ -191,7 +191,7 @@ def test_module_end_to_end(fake_prometheus, capsys, latency, outcome, fails):
                         capsys, check_mode=True)
     verdict = (result["outcome"], bool(result.get("failed")), result.get("changed", False))
     assert verdict == (outcome, fails, False), result
-    assert len(seen) == 4 and all("time=1700000000.500" in p for _, p, _ in fake_prometheus.requests)
+    assert len(seen) == 4 and all("time=1700000000.500" in request[1] for request in fake_prometheus.requests)
     assert [q["name"] for q in result["queries"]] == ["request_rate", "error_rate", "latency", "prediction_mix"]
     assert result["measurements"]["green"]["latency_ms"] == float(latency) * 1000
     assert "secret-password-1234" not in json.dumps(result)
