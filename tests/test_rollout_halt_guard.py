@@ -19,7 +19,7 @@ import yaml
 from .conftest import COLLECTION, REPO, VENV_BIN
 
 TASKS = COLLECTION / "roles" / "rollout" / "tasks" / "halt_guard.yml"
-RUNBOOK_VARS = yaml.safe_load((REPO / "playbooks" / "runbooks" / "vars" / "runbooks.yml").read_text())
+RUNBOOK_VARS = yaml.safe_load((COLLECTION / "playbooks" / "runbooks" / "vars" / "runbooks.yml").read_text())
 ROLLOUT_DEFAULTS = yaml.safe_load((COLLECTION / "roles" / "rollout" / "defaults" / "main.yml").read_text())
 
 PLAY = """

@@ -28,6 +28,7 @@ PLAY = """
   gather_facts: false
   vars:
     __rollout_plan: {{to_color: green, from_color: blue}}
+    grandmodel_model_unit: grandmodel-model  # role _common's default (the role reads it from there)
   tasks:
     - name: Keep the identity the gate measured (a fact, as pre_gate.yml keeps it)
       ansible.builtin.set_fact:
