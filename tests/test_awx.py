@@ -288,7 +288,10 @@ def test_the_three_environments_are_inventories() -> None:
 def test_credentials_and_notifications_hold_no_secret() -> None:
     for credential in DEFS["awx_credentials"]:
         assert set(credential) <= {"name", "credential_type", "description", "inputs_from_env"}, credential["name"]
-        for field, env in credential["inputs_from_env"].items():
+        for entry in credential["inputs_from_env"]:
+            assert set(entry) == {"input", "env"}, f"{credential['name']}: {entry!r} needs exactly input and env"
+            field, env = entry["input"], entry["env"]
+            assert re.fullmatch(r"[a-z_]+", field), f"{credential['name']}: {field!r} is not an AWX input field"
             assert re.fullmatch(r"GM_AWX_[A-Z0-9_]+", env), f"{credential['name']}.{field}: {env!r} is not a name"
     assert {c["credential_type"] for c in DEFS["awx_credentials"]} >= {"Vault", "Machine"}
     for notification in DEFS["awx_notification_templates"]:
