@@ -224,6 +224,7 @@ EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
     "restore_confirm": _restore_confirm,
     "restore_postgresql_file": lambda: {"type": "str"},
     "restore_redis_file": lambda: {"type": "str"},
+    "pre_market_expected_version": lambda: {"type": "str"},
     "emergency_stop_reason": _cut_text("playbooks/runbooks/emergency_stop.yml", "emergency_stop_reason"),
     "change_freeze": _change_freeze,
     "change_freeze_reason": _cut_text("playbooks/runbooks/change_freeze.yml", "change_freeze_reason"),
