@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -433,8 +434,9 @@ EE_VERSION = re.search(r"^version:\s*(\S+)", (PROJECT / "ansible_collections/qua
                        .read_text(), re.M).group(1)  # type: ignore[union-attr]
 
 
-def test_a_release_and_a_switch_back_run_inside_the_execution_environment(host):
-    """What AWX does with a job template: rollout.yml, then switch_back.yml, inside the built image."""
+def test_a_release_a_switch_back_and_a_runbook_run_inside_the_execution_environment(host):
+    """What AWX does with job templates: rollout.yml, switch_back.yml and the daily health runbook, inside the
+    built image."""
     before = len(records(host))
 
     def jobs() -> list[subprocess.CompletedProcess[str]]:
@@ -456,6 +458,15 @@ def test_a_release_and_a_switch_back_run_inside_the_execution_environment(host):
     assert front_color() == "blue"
     assert summary["color_sequence_settled"] == ["blue", "green", "blue"], summary
     assert summary["failed"] == 0, summary
+    # A runbook as its AWX template runs it: the collection's playbook through the project's wrapper, its report
+    # written where the job may write (the project is mounted read-only, as AWX mounts it).
+    reports = Path("/tmp/gm-mol-rollout-ee/reports")
+    shutil.rmtree(reports, ignore_errors=True)  # an earlier run's reports
+    health = ee_playbook("runbooks/daily_health.yml", "-e", json.dumps({"runbook_reports_dir": str(reports)}))
+    assert health.returncode == 0, (health.stdout + health.stderr)[-3000:]
+    (report,) = [json.loads(p.read_text()) for p in reports.glob("daily_health-*/report.json")]
+    assert report["healthy"] is True and report["problems"] == [], report["problems"]
+    assert report["front_doors"][LB]["live_color"] == "blue", report["front_doors"]
 
 
 # -- the fault matrix: promote green (2026.11.1, already deployed) over blue -------------------------
