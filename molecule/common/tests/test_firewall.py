@@ -212,22 +212,18 @@ def test_the_app_host_ruleset_is_loaded_and_confirmed():
     assert same.returncode == 0, same.stdout + same.stderr
 
 
-def test_each_source_reaches_exactly_the_ports_the_rules_allow(listeners):
-    """The expected-vs-found port table: every firewalled host, from every other scenario host and the
-    controller, every probed port; any port open that should not be, or closed that should be, fails."""
+def port_table(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Probe every (target, source) pair at once; the table's lines and the pairs whose found ports differ
+    from the expected ones (in either direction) or whose closed ports answer with a reset."""
     rows, wrong = [], []
-    addresses = {target: address_of(target) for target in FIREWALLED}
-    pairs = [(target, source) for target in FIREWALLED for source in GROUPS if source != target]
-    # Loopback is always allowed: every listener answers from the host itself.
-    local = probe_all([(target, "127.0.0.1", PROBED) for target in FIREWALLED])
-    assert all(set(found.values()) == {"open"} for found in local), local
+    targets = list(dict.fromkeys(target for target, _ in pairs))
+    addresses = {target: address_of(target) for target in targets}
     results = dict(zip(pairs, probe_all([(source, addresses[target], PROBED) for target, source in pairs]),
                        strict=True))
-    for target in FIREWALLED:
-        address = addresses[target]
+    for target in targets:
         groups = ", ".join(sorted(GROUPS[target]))
-        rows.append(f"{target} ({address}; groups {groups}), {len(PROBED)} TCP ports probed: {PROBED}")
-        for source in [s for s in GROUPS if s != target]:
+        rows.append(f"{target} ({addresses[target]}; groups {groups}), {len(PROBED)} TCP ports probed: {PROBED}")
+        for source in [source for t, source in pairs if t == target]:
             found = results[(target, source)]
             opened = {port for port, state in found.items() if state == "open"}
             expected = expected_open(target, source)
@@ -240,7 +236,17 @@ def test_each_source_reaches_exactly_the_ports_the_rules_allow(listeners):
             rows.append(f"  from {label:<48} expected {sorted(expected)}")
             rows.append(f"  {'':<53} found    {sorted(opened)}  {verdict}")
             if verdict != "ok":
-                wrong.append(f"{source} -> {target}")
+                wrong.append(f"{source} -> {target}: {verdict}")
+    return rows, wrong
+
+
+def test_each_source_reaches_exactly_the_ports_the_rules_allow(listeners):
+    """The expected-vs-found port table: every firewalled host, from every other scenario host and the
+    controller, every probed port; any port open that should not be, or closed that should be, fails."""
+    # Loopback is always allowed: every listener answers from the host itself.
+    local = probe_all([(target, "127.0.0.1", PROBED) for target in FIREWALLED])
+    assert all(set(found.values()) == {"open"} for found in local), local
+    rows, wrong = port_table([(target, source) for target in FIREWALLED for source in GROUPS if source != target])
     table = "\n".join(["expected-vs-found port table (tests/test_firewall.py; every other probed port closed)",
                        *rows])
     report = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO_DIR.parent.parent)) / "reports"
@@ -248,6 +254,28 @@ def test_each_source_reaches_exactly_the_ports_the_rules_allow(listeners):
         (report / "molecule-common-ports.txt").write_text(table + "\n")
     print(table)
     assert not wrong, table
+
+
+def test_the_port_table_catches_a_wrong_rule_in_either_direction(listeners):
+    """Break the promise on the live app host: one rule too many (PostgreSQL's 5432 to the outsider, on a
+    host that serves no database) and one too few (the lb host dropped on the colour port 8001). The
+    table must name both, then the confirmed ruleset is restored."""
+    app = "gm-mol-common-app"
+    before = in_container(app, f"nft list table {TABLE}").stdout
+    outsider, lb = address_of("gm-mol-common-out"), address_of("gm-mol-common")
+    broken = in_container(app, f"nft insert rule {TABLE} input ip saddr {outsider} tcp dport 5432 accept"
+                               f" && nft insert rule {TABLE} input ip saddr {lb} tcp dport 8001 drop")
+    try:
+        assert broken.returncode == 0, broken.stderr
+        _, wrong = port_table([(app, "gm-mol-common-out"), (app, "gm-mol-common")])
+    finally:
+        restored = in_container(app, f"nft -f {CONFIRMED}")
+    assert restored.returncode == 0, restored.stderr
+    assert in_container(app, f"nft list table {TABLE}").stdout == before
+    assert wrong == [
+        f"gm-mol-common-out -> {app}: WRONG: closed but expected [], open but not expected [5432], reset []",
+        f"gm-mol-common -> {app}: WRONG: closed but expected [8001], open but not expected [], reset []",
+    ], wrong
 
 
 def test_the_policy_table_is_not_vacuous():
