@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,10 @@ def play(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
                            "-e", f"ansible_python_interpreter={sys.executable}", "-e", "ansible_become=false",
                            *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-                          env=dict(os.environ, ANSIBLE_NOCOLOR="1", USER="deskops"))
+                          # USER names who set the freeze. Ansible's temporary folder must not follow it: "~deskops"
+                          # (no such account) became a literal folder next to the playbook, inside the collection.
+                          env=dict(os.environ, ANSIBLE_NOCOLOR="1", USER="deskops",
+                                   ANSIBLE_REMOTE_TMP=str(Path(tempfile.gettempdir()) / "gm-test-change-freeze")))
 
 
 def runbook(freeze_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
