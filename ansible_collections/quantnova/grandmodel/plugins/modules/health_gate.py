@@ -28,17 +28,7 @@ author:
   - GrandModel Ops (@quantnova)
 extends_documentation_fragment:
   - quantnova.grandmodel.http_client
-attributes:
-  check_mode:
-    support: full
-    description: The gate only reads; it runs the same way in check mode.
-  diff_mode:
-    support: none
-    description: Nothing is changed, so there is nothing to diff.
-  platform:
-    support: full
-    platforms: posix
-    description: Any host with Python 3 that can reach O(url).
+  - quantnova.grandmodel.read_only
 options:
   url:
     description: Base URL of the service to probe, for example C(http://127.0.0.1:8002).

@@ -24,17 +24,8 @@ description:
     input, with a message that says what was attempted, on what, and why.
 author:
   - GrandModel Ops (@quantnova)
-attributes:
-  check_mode:
-    support: full
-    description: The analysis only reads; it runs the same way in check mode.
-  diff_mode:
-    support: none
-    description: Nothing is changed, so there is nothing to diff.
-  platform:
-    support: full
-    platforms: posix
-    description: Any host with Python 3 that can reach O(url).
+extends_documentation_fragment:
+  - quantnova.grandmodel.read_only
 options:
   url:
     description: Base URL of Prometheus, for example C(https://prometheus.example:9090).
