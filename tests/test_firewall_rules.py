@@ -53,6 +53,7 @@ PLAY = f"""
   hosts: all
   gather_facts: false
   vars_files:
+    - {ROLE}/../_common/defaults/main.yml
     - {ROLE}/defaults/main.yml
     - {ROLE}/vars/main.yml
   vars:

@@ -1,8 +1,8 @@
-"""Verify quantnova.grandmodel.firewall from the network: real TCP connects from each side.
+"""Verify quantnova.grandmodel.firewall from the network: real TCP connects and UDP datagrams from each side.
 
 gm-mol-common (groups db, lb, cache, k8s_control_plane) and gm-mol-common-app (app, monitoring,
-k8s_workers) carry the firewall; gm-mol-common-out (no group) is the outsider. Every host probes the
-other firewalled hosts from inside its container, and the controller probes them from the podman
+k8s_workers, timeseries, backup_repo) carry the firewall; gm-mol-common-out (no group) is the outsider.
+Every host probes the other firewalled hosts from inside its container, and the controller probes them from the podman
 bridge's gateway address (the scenario's admin network). Every container and the gateway are in the
 client network.
 """
@@ -32,7 +32,7 @@ CONFIRM_TIMEOUT = 16  # firewall_confirm_timeout in molecule.yml
 # The inventory groups of the scenario's hosts (molecule.yml); the controller is in none.
 GROUPS = {
     "gm-mol-common": {"db", "lb", "cache", "k8s_control_plane"},
-    "gm-mol-common-app": {"app", "monitoring", "k8s_workers"},
+    "gm-mol-common-app": {"app", "monitoring", "k8s_workers", "timeseries", "backup_repo"},
     "gm-mol-common-out": set(),
     "controller": set(),
 }
@@ -42,10 +42,12 @@ NETWORKS = {"controller": {"admin", "client"}, "gm-mol-common": {"client"}, "gm-
             "gm-mol-common-out": {"client"}}
 K8S = {"k8s_control_plane", "k8s_workers"}
 # The promise, written independently of the role's defaults (issue 17 item 1 and docs/security.md):
-# TCP port -> (groups whose hosts serve it, groups and networks that may reach it). A port served by no
-# group ("none") must be closed everywhere: a Redis plaintext port, the controller-manager and scheduler
-# (bound to 127.0.0.1 by kubeadm), the ports just outside the NodePort range.
-POLICY: dict[int, tuple[set[str], set[str]]] = {
+# TCP port -> (groups whose hosts serve it, groups and networks that may reach it), or a list of such
+# pairs when the port serves two roles (pgBackRest's 8432 on both sides). A port served by no group
+# ("none") must be closed everywhere: a Redis plaintext port, the controller-manager and scheduler (bound
+# to 127.0.0.1 by kubeadm), the ports just outside the NodePort range.
+Rule = tuple[set[str], set[str]]
+POLICY: dict[int, Rule | list[Rule]] = {
     22: ({"all"}, {"admin"}),
     80: ({"lb"}, {"client"}),
     443: ({"lb"}, {"client"}),
@@ -53,7 +55,7 @@ POLICY: dict[int, tuple[set[str], set[str]]] = {
     6380: ({"cache"}, {"app"}),
     8001: ({"app"}, {"lb"}),
     8002: ({"app"}, {"lb"}),
-    8432: ({"db"}, {"backup_repo"}),
+    8432: [({"db"}, {"backup_repo"}), ({"backup_repo"}, {"db"})],
     9100: ({"all"}, {"monitoring"}),
     9187: ({"db"}, {"monitoring"}),
     9121: ({"cache"}, {"monitoring"}),
@@ -77,29 +79,44 @@ POLICY: dict[int, tuple[set[str], set[str]]] = {
     32768: ({"none"}, set()),
 }
 PROBED = sorted(POLICY)
+# The same promise for UDP: flannel's VXLAN between the Kubernetes nodes, Alertmanager's gossip between
+# monitoring hosts (one here: closed to everybody else), and a port with no rule. Each probed port has an
+# echo listener on the target: an answer means open, silence means dropped, an ICMP "port unreachable"
+# (refused) means the firewall let the datagram through to a closed port.
+UDP_POLICY: dict[int, Rule | list[Rule]] = {
+    8472: (K8S, K8S),
+    9094: ({"monitoring"}, {"monitoring"}),
+    8473: ({"none"}, set()),
+}
+UDP_PROBED = sorted(UDP_POLICY)
 # A NodePort that kube-proxy would DNAT to a pod: stood in for on gm-mol-common-app by a nat table that
 # forwards it to a listener on gm-mol-common-out (no local listener on it).
 NODEPORT, POD_PORT = 30080, 18080
 
 
-def expected_open(target: str, source: str) -> set[int]:
+def expected_open(target: str, source: str, policy: dict[int, Rule | list[Rule]] = POLICY) -> set[int]:
     """The ports of `target` that `source` may open, by the policy."""
     source_in = GROUPS[source] | NETWORKS[source]
-    return {port for port, (served_by, reached_from) in POLICY.items()
+    return {port for port, rules in policy.items()
+            for served_by, reached_from in (rules if isinstance(rules, list) else [rules])
             if served_by & (GROUPS[target] | {"all"}) and reached_from & source_in}
 
 
-# Connects to every port at once, each with a short timeout: "open" (connected), "refused" (the host
-# answered with a reset: reached, nothing listening) or "filtered" (no answer: dropped).
+# Probes every port at once, each with a short timeout: "open" (TCP connected, or a UDP datagram answered
+# by the echo listener), "refused" (a TCP reset or an ICMP port unreachable: reached, nothing listening)
+# or "filtered" (no answer: dropped).
 PROBE = r"""
 import json, socket, sys
 from concurrent.futures import ThreadPoolExecutor
-address, ports = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
+address, ports, udp = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], sys.argv[3:] == ["udp"]
 def probe(port):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     sock.settimeout(1.0)
     try:
         sock.connect((address, port))
+        if udp:
+            sock.send(b"gm-probe")
+            sock.recv(64)
         return port, "open"
     except ConnectionRefusedError:
         return port, "refused"
@@ -111,7 +128,8 @@ with ThreadPoolExecutor(len(ports)) as pool:
     print(json.dumps(dict(pool.map(probe, ports))))
 """
 
-# Listens on the probed ports (sshd already has 22) until stopped, accepting and closing.
+# Listens on the probed TCP ports (sshd already has 22) until stopped, accepting and closing, and answers
+# every datagram on the UDP ports (argument 2) with an echo.
 LISTENER = r"""
 import selectors, socket, sys
 selector = selectors.DefaultSelector()
@@ -121,10 +139,18 @@ for port in sys.argv[1].split(","):
     sock.bind(("0.0.0.0", int(port)))
     sock.listen(16)
     selector.register(sock, selectors.EVENT_READ)
+for port in (sys.argv[2].split(",") if len(sys.argv) > 2 else []):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", int(port)))
+    selector.register(sock, selectors.EVENT_READ)
 while True:
     for key, _ in selector.select():
-        conn, _ = key.fileobj.accept()
-        conn.close()
+        if key.fileobj.type == socket.SOCK_DGRAM:
+            data, peer = key.fileobj.recvfrom(64)
+            key.fileobj.sendto(data, peer)
+        else:
+            conn, _ = key.fileobj.accept()
+            conn.close()
 """
 
 
@@ -135,14 +161,15 @@ def address_of(container: str) -> str:
     ).stdout.strip()
 
 
-def probe_from(source: str, address: str, ports: list[int]) -> dict[int, str]:
-    args = ["python3", "-c", PROBE, address, ",".join(map(str, ports))]
+def probe_from(source: str, address: str, ports: list[int], proto: str = "tcp") -> dict[int, str]:
+    args = ["python3", "-c", PROBE, address, ",".join(map(str, ports)), *(["udp"] if proto == "udp" else [])]
     command = [sys.executable, *args[1:]] if source == "controller" else ["podman", "exec", source, *args]
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout
     return {int(port): state for port, state in json.loads(out).items()}
 
 
-def probe_all(probes: list[tuple[str, str, list[int]]]) -> list[dict[int, str]]:
+def probe_all(probes: list[tuple[str, str, list[int]]] | list[tuple[str, str, list[int], str]]
+              ) -> list[dict[int, str]]:
     """probe_from for several (source, address, ports) at once: each costs the connect timeout."""
     with ThreadPoolExecutor(len(probes)) as pool:
         return list(pool.map(lambda args: probe_from(*args), probes))
@@ -165,23 +192,25 @@ def in_container(container: str, command: str) -> subprocess.CompletedProcess[st
                           capture_output=True, text=True, check=False, timeout=60)
 
 
-def start_listener(container: str, unit: str, ports: list[int]) -> None:
+def start_listener(container: str, unit: str, ports: list[int], udp_ports: list[int] | None = None) -> None:
     in_container(container, f"systemctl stop {unit}.service")
     started = in_container(container, f"systemd-run --unit {unit} --collect python3 -c '{LISTENER}' "
-                                      + ",".join(map(str, ports)))
+                                      + ",".join(map(str, ports)) + " " + ",".join(map(str, udp_ports or [])))
     assert started.returncode == 0, started.stderr
     for _ in range(50):
-        if all(state == "open" for state in probe_from(container, "127.0.0.1", ports).values()):
+        if all(state == "open" for state in probe_from(container, "127.0.0.1", ports).values()) and all(
+                state == "open" for state in (probe_from(container, "127.0.0.1", udp_ports, "udp").values()
+                                              if udp_ports else [])):
             return
         time.sleep(0.1)
-    raise AssertionError(f"{unit} on {container} does not answer on {ports}")
+    raise AssertionError(f"{unit} on {container} does not answer on {ports} (TCP) and {udp_ports} (UDP)")
 
 
 @pytest.fixture(scope="module")
 def listeners():
     ports = [p for p in PROBED if p != 22]
     for target in FIREWALLED:
-        start_listener(target, "gm-fw-probe-listeners", ports)
+        start_listener(target, "gm-fw-probe-listeners", ports, UDP_PROBED)
     yield
     for target in FIREWALLED:
         in_container(target, "systemctl stop gm-fw-probe-listeners.service")
@@ -197,11 +226,11 @@ def test_ruleset_is_loaded_confirmed_and_persisted(host):
     # Only our table: the ruleset does not flush the tables of others.
     assert host.run("nft -c -f /etc/nftables.d/grandmodel.nft").rc == 0
     assert "flush ruleset" not in host.file(CONFIRMED).content_string
-    # pgBackRest's TLS port is open on a database host to the backup_repo group only, which has no host
-    # in this scenario: the rule is written, and admits nobody (8432 is probed filtered from everywhere).
+    # pgBackRest's TLS port is open on a database host to the backup_repo group only: here the app host
+    # (the port table probes both sides of 8432).
     ruleset = host.file(CONFIRMED).content_string
     assert "# pgbackrest_database: tcp 8432 from backup_repo" in ruleset
-    assert "dport { 8432 } accept" not in ruleset
+    assert f"ip saddr {{ {address_of('gm-mol-common-app')} }} tcp dport {{ 8432 }} accept" in ruleset, ruleset
 
 
 def test_the_app_host_ruleset_is_loaded_and_confirmed():
@@ -213,30 +242,38 @@ def test_the_app_host_ruleset_is_loaded_and_confirmed():
 
 
 def port_table(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    """Probe every (target, source) pair at once; the table's lines and the pairs whose found ports differ
-    from the expected ones (in either direction) or whose closed ports answer with a reset."""
+    """Probe every (target, source) pair at once, TCP and UDP; the table's lines and the pairs whose found
+    ports differ from the expected ones (in either direction) or whose closed ports answer (a TCP reset,
+    an ICMP port unreachable) instead of staying silent."""
     rows, wrong = [], []
     targets = list(dict.fromkeys(target for target, _ in pairs))
     addresses = {target: address_of(target) for target in targets}
-    results = dict(zip(pairs, probe_all([(source, addresses[target], PROBED) for target, source in pairs]),
-                       strict=True))
+    protocols: list[tuple[str, list[int], dict[int, Rule | list[Rule]]]] = [
+        ("tcp", PROBED, POLICY), ("udp", UDP_PROBED, UDP_POLICY)]
+    keys = [(target, source, proto) for target, source in pairs for proto, _, _ in protocols]
+    ports_of = {proto: ports for proto, ports, _ in protocols}
+    results = dict(zip(keys, probe_all([(source, addresses[target], ports_of[proto], proto)
+                                        for target, source, proto in keys]), strict=True))
     for target in targets:
         groups = ", ".join(sorted(GROUPS[target]))
-        rows.append(f"{target} ({addresses[target]}; groups {groups}), {len(PROBED)} TCP ports probed: {PROBED}")
+        rows.append(f"{target} ({addresses[target]}; groups {groups}), {len(PROBED)} TCP ports probed: {PROBED};"
+                    f" {len(UDP_PROBED)} UDP ports: {UDP_PROBED}")
         for source in [source for t, source in pairs if t == target]:
-            found = results[(target, source)]
-            opened = {port for port, state in found.items() if state == "open"}
-            expected = expected_open(target, source)
-            # A closed port is dropped (no reset that would tell a scanner the host is there).
-            refused = sorted(port for port, state in found.items() if state == "refused")
-            missing, extra = sorted(expected - opened), sorted(opened - expected)
-            verdict = "ok" if not (missing or extra or refused) else (
-                f"WRONG: closed but expected {missing}, open but not expected {extra}, reset {refused}")
             label = f"{source} [{', '.join(sorted(GROUPS[source] | NETWORKS[source]))}]"
-            rows.append(f"  from {label:<48} expected {sorted(expected)}")
-            rows.append(f"  {'':<53} found    {sorted(opened)}  {verdict}")
-            if verdict != "ok":
-                wrong.append(f"{source} -> {target}: {verdict}")
+            for proto, _, policy in protocols:
+                found = results[(target, source, proto)]
+                opened = {port for port, state in found.items() if state == "open"}
+                expected = expected_open(target, source, policy)
+                # A closed port is dropped (no reset that would tell a scanner the host is there).
+                refused = sorted(port for port, state in found.items() if state == "refused")
+                missing, extra = sorted(expected - opened), sorted(opened - expected)
+                verdict = "ok" if not (missing or extra or refused) else (
+                    f"WRONG: closed but expected {missing}, open but not expected {extra}, reset {refused}")
+                name = f"from {label}" if proto == "tcp" else ""
+                rows.append(f"  {name:<50} {proto.upper()} expected {sorted(expected)}")
+                rows.append(f"  {'':<50} {proto.upper()} found    {sorted(opened)}  {verdict}")
+                if verdict != "ok":
+                    wrong.append(f"{source} -> {target}: {proto.upper()} {verdict}")
     return rows, wrong
 
 
@@ -244,7 +281,8 @@ def test_each_source_reaches_exactly_the_ports_the_rules_allow(listeners):
     """The expected-vs-found port table: every firewalled host, from every other scenario host and the
     controller, every probed port; any port open that should not be, or closed that should be, fails."""
     # Loopback is always allowed: every listener answers from the host itself.
-    local = probe_all([(target, "127.0.0.1", PROBED) for target in FIREWALLED])
+    local = probe_all([(target, "127.0.0.1", ports, proto) for target in FIREWALLED
+                       for proto, ports in (("tcp", PROBED), ("udp", UDP_PROBED))])
     assert all(set(found.values()) == {"open"} for found in local), local
     rows, wrong = port_table([(target, source) for target in FIREWALLED for source in GROUPS if source != target])
     table = "\n".join(["expected-vs-found port table (tests/test_firewall.py; every other probed port closed)",
@@ -258,13 +296,15 @@ def test_each_source_reaches_exactly_the_ports_the_rules_allow(listeners):
 
 def test_the_port_table_catches_a_wrong_rule_in_either_direction(listeners):
     """Break the promise on the live app host: one rule too many (PostgreSQL's 5432 to the outsider, on a
-    host that serves no database) and one too few (the lb host dropped on the colour port 8001). The
-    table must name both, then the confirmed ruleset is restored."""
+    host that serves the time-series database to app and monitoring hosts only), one too few (the lb host
+    dropped on the colour port 8001) and a UDP port opened to the outsider. The table must name all three,
+    then the confirmed ruleset is restored."""
     app = "gm-mol-common-app"
     before = in_container(app, f"nft list table {TABLE}").stdout
     outsider, lb = address_of("gm-mol-common-out"), address_of("gm-mol-common")
     broken = in_container(app, f"nft insert rule {TABLE} input ip saddr {outsider} tcp dport 5432 accept"
-                               f" && nft insert rule {TABLE} input ip saddr {lb} tcp dport 8001 drop")
+                               f" && nft insert rule {TABLE} input ip saddr {lb} tcp dport 8001 drop"
+                               f" && nft insert rule {TABLE} input ip saddr {outsider} udp dport 8473 accept")
     try:
         assert broken.returncode == 0, broken.stderr
         _, wrong = port_table([(app, "gm-mol-common-out"), (app, "gm-mol-common")])
@@ -273,8 +313,9 @@ def test_the_port_table_catches_a_wrong_rule_in_either_direction(listeners):
     assert restored.returncode == 0, restored.stderr
     assert in_container(app, f"nft list table {TABLE}").stdout == before
     assert wrong == [
-        f"gm-mol-common-out -> {app}: WRONG: closed but expected [], open but not expected [5432], reset []",
-        f"gm-mol-common -> {app}: WRONG: closed but expected [8001], open but not expected [], reset []",
+        f"gm-mol-common-out -> {app}: TCP WRONG: closed but expected [], open but not expected [5432], reset []",
+        f"gm-mol-common-out -> {app}: UDP WRONG: closed but expected [], open but not expected [8473], reset []",
+        f"gm-mol-common -> {app}: TCP WRONG: closed but expected [8001], open but not expected [], reset []",
     ], wrong
 
 
@@ -295,6 +336,14 @@ def test_the_policy_table_is_not_vacuous():
     assert {6443, 10250, 10256, 30000, 31000, 32767} <= reached
     assert not {2379, 2380} & reached
     assert not {10257, 10259, 29999, 32768, 6379} & reached
+    # pgBackRest's 8432 is open in both directions between the db host and the backup_repo host.
+    assert 8432 in expected_open("gm-mol-common", "gm-mol-common-app")
+    assert 8432 in expected_open("gm-mol-common-app", "gm-mol-common")
+    # UDP: flannel between the two Kubernetes nodes only; gossip and the ruleless port to nobody.
+    udp = {(target, source): expected_open(target, source, UDP_POLICY)
+           for target in FIREWALLED for source in GROUPS if source != target}
+    assert udp[("gm-mol-common", "gm-mol-common-app")] == udp[("gm-mol-common-app", "gm-mol-common")] == {8472}
+    assert not any(ports for (target, source), ports in udp.items() if source not in FIREWALLED)
 
 
 @pytest.fixture()
