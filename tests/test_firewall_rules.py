@@ -72,6 +72,7 @@ PLAY = f"""
   hosts: localhost
   gather_facts: false
   vars_files:
+    - {ROLE}/../_common/defaults/main.yml
     - {RUNBOOK_VARS}
   tasks:
     - name: Write the map as JSON
@@ -153,10 +154,29 @@ def test_the_rest_of_the_table_is_unchanged(rulesets):
     assert sources(rulesets["db1"], 5432) == {ADDRESSES["app1"], ADDRESSES["mon1"], ADDRESSES["mon2"]}
     assert sources(rulesets["cache1"], 6380) == {ADDRESSES["app1"]}
     assert sources(rulesets["lb1"], 443) == {"198.51.100.0/24"}
-    assert sources(rulesets["app1"], 8001) == {ADDRESSES["lb1"]}
+    assert sources(rulesets["app1"], 8001) == {ADDRESSES["lb1"], ADDRESSES["mon1"], ADDRESSES["mon2"]}
     assert sources(rulesets["repo1"], 9100) == {ADDRESSES["mon1"], ADDRESSES["mon2"]}
     assert sources(rulesets["repo1"], 22) == set()  # ssh has its own line
     assert "ip saddr { 192.0.2.0/24 } tcp dport 22 accept" in rulesets["repo1"]
+
+
+def test_every_scrape_target_of_prometheus_is_open_to_the_monitoring_hosts(rulesets):
+    """Read from the monitoring role, not the firewall's: each job's group and port (exporters, the service
+    colours' /metrics) must admit every monitoring host, or the firewall would silence a target (found:
+    the colours were open to the load balancers only, so the grandmodel job would have been down)."""
+    import yaml
+
+    monitoring = yaml.safe_load((COLLECTION / "roles" / "monitoring" / "defaults" / "main.yml").read_text())
+    common = yaml.safe_load((COLLECTION / "roles" / "_common" / "defaults" / "main.yml").read_text())
+    hosts_of = {"all": list(ADDRESSES), "db": ["db1"], "cache": ["cache1"], "lb": ["lb1"], "app": ["app1"]}
+    targets = [(group, monitoring["monitoring_exporter_ports"][job])
+               for job, group in monitoring["monitoring_scrape_groups"].items() if job != "grandmodel"]
+    targets += [(monitoring["monitoring_scrape_groups"]["grandmodel"], colour["port"])
+                for colour in common["grandmodel_colors"].values()]
+    assert len(targets) == 6, targets
+    for group, port in targets:
+        for host in hosts_of[group]:
+            assert {ADDRESSES["mon1"], ADDRESSES["mon2"]} <= sources(rulesets[host], port), (group, host, port)
 
 
 def test_every_listening_port_of_the_roles_has_a_rule():

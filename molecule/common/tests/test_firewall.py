@@ -53,8 +53,8 @@ POLICY: dict[int, Rule | list[Rule]] = {
     443: ({"lb"}, {"client"}),
     5432: ({"db", "timeseries"}, {"app", "monitoring"}),
     6380: ({"cache"}, {"app"}),
-    8001: ({"app"}, {"lb"}),
-    8002: ({"app"}, {"lb"}),
+    8001: ({"app"}, {"lb", "monitoring"}),  # traffic from the front door, /metrics for Prometheus
+    8002: ({"app"}, {"lb", "monitoring"}),
     8432: [({"db"}, {"backup_repo"}), ({"backup_repo"}, {"db"})],
     9100: ({"all"}, {"monitoring"}),
     9187: ({"db"}, {"monitoring"}),
