@@ -27,6 +27,7 @@ from .conftest import COLLECTION, REPO, VENV_BIN
 ROLES_DIR = COLLECTION / "roles"
 INCLUDES = {"include_tasks", "ansible.builtin.include_tasks", "import_tasks", "ansible.builtin.import_tasks"}
 ROLE_INCLUDES = {"include_role", "ansible.builtin.include_role", "import_role", "ansible.builtin.import_role"}
+STATIC_ROLE_IMPORTS = {"import_role", "ansible.builtin.import_role"}
 VALIDATION = "Validating arguments against arg spec"
 SHARED = "quantnova.grandmodel._common"
 # "      <role> : <task name>\tTAGS: [...]"; an include_role task is listed without the role.
@@ -46,6 +47,13 @@ def task_action(task: dict[str, Any]) -> tuple[str, Any]:
         if key in INCLUDES or key in ROLE_INCLUDES:
             return key, value
     return "", None
+
+
+def role_entry_point(target: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
+    """The tasks folder and tasks of an import_role's entry point (a role of this collection)."""
+    tasks_dir = ROLES_DIR / target["name"].removeprefix("quantnova.grandmodel.") / "tasks"
+    entry = target.get("tasks_from", "main")
+    return tasks_dir, load_tasks(tasks_dir / (entry if entry.endswith(".yml") else entry + ".yml"))
 
 
 def tags_of(task: dict[str, Any]) -> set[str]:
@@ -75,6 +83,10 @@ def expand(tasks_dir: Path, tasks: list[dict[str, Any]], tag: str, nested: bool 
         if action in INCLUDES and not handed_on:
             file_name = target if isinstance(target, str) else target["file"]
             names.extend(expand(tasks_dir, load_tasks(tasks_dir / file_name), tag, nested=True))
+        elif action in STATIC_ROLE_IMPORTS:
+            # A static import_role inlines the entry point's tasks, which inherit the tag (the platform assert of
+            # role _common in every preflight).
+            names.extend(expand(*role_entry_point(target), tag, nested=True))
         elif action in ROLE_INCLUDES and not handed_on:
             names.append(f"<{action} without apply: {{tags: [{tag}]}}: the tag would not reach its tasks>")
         else:
@@ -164,9 +176,12 @@ def test_tag_lists_exactly_the_tasks_of_its_files(
     listed = [LISTED.match(line) for line in output.splitlines()]
     rows = [(m["role"], m["name"], m["tags"]) for m in listed if m]
     assert rows, output
-    # The shared-values role (_common, a dependency of most roles) has no task but its argument validation.
-    rows = [row for row in rows if not (row[0] == SHARED and row[1].startswith(VALIDATION) and row[2] == "always")]
-    assert all(r in (None, f"quantnova.grandmodel.{role}") for r, _name, _tags in rows), output
+    # The shared-values role (_common, a dependency of most roles) adds its argument validation (tagged always,
+    # for its main values and, imported by a preflight, for its platform entry point) and the tasks of the
+    # entry points a role imports statically (the platform assert), which expected() expands.
+    rows = [row for row in rows if not (row[0] == SHARED and row[1].startswith(VALIDATION)
+                                        and "always" in {t.strip() for t in row[2].split(",")})]
+    assert all(r in (None, f"quantnova.grandmodel.{role}", SHARED) for r, _name, _tags in rows), output
     names = [name for _role, name, tags in rows if not (name.startswith(VALIDATION) and tags == "always")]
     want = expected(role, tag)
     assert want, f"nothing in {role}/tasks/main.yml carries {tag}"
