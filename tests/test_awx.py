@@ -56,6 +56,7 @@ REQUIRED_PLAYBOOKS = {
     "playbooks/runbooks/degradation.yml",
     "playbooks/runbooks/security_check.yml",
     "playbooks/runbooks/access_review.yml",
+    "playbooks/runbooks/daily_report.yml",
 }
 ARGSPEC_TYPES = {"str", "int", "bool", "list", "float"}
 
