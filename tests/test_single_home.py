@@ -31,17 +31,6 @@ UNIT_LITERAL = re.compile(r"grandmodel-model(?!@\.service\.j2)")  # the unit tem
 PORT_LITERAL = re.compile(r"(?<![\d.])800[12](?![\d])")
 CONTAINER_RUNTIMES = frozenset({"lxc", "systemd-nspawn", "podman", "containerd"})
 COMMON = "roles/_common/"
-# Copies this test knows of and does not own; each says who removes it. An entry the scan no longer finds fails
-# test_known_copies_are_still_there: delete it then, so the list only shrinks.
-KNOWN_COPIES = {
-    "roles/firewall/defaults/main.yml: firewall_services spells a colour port":
-        "firewall's service_colours rule falls back to [8001, 8002] when grandmodel_colors is unset; firewall depends "
-        "on _common, so the fallback can go (roles/firewall is not this change's: the lead removes `or [8001, 8002]`)",
-}
-
-
-def _unknown(findings: list[Finding]) -> list[Finding]:
-    return [f for f in findings if not any(str(f).startswith(known) for known in KNOWN_COPIES)]
 
 
 @dataclass(frozen=True)
@@ -184,13 +173,8 @@ def scan(collection: Path, repo: Path) -> list[Finding]:
 
 
 def test_shared_values_have_one_home() -> None:
-    findings = _unknown(scan(COLLECTION, REPO))
+    findings = scan(COLLECTION, REPO)
     assert not findings, "shared values defined or spelled outside roles/_common:\n" + "\n".join(map(str, findings))
-
-
-@pytest.mark.parametrize("known", sorted(KNOWN_COPIES))
-def test_known_copies_are_still_there(known: str) -> None:
-    assert any(str(f).startswith(known) for f in scan(COLLECTION, REPO)), f"gone, delete it from KNOWN_COPIES: {known}"
 
 
 def test_common_defines_every_shared_value() -> None:
