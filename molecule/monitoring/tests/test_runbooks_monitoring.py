@@ -150,9 +150,12 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
                                       "-e", "monitoring_web_password=not-the-password-0123456789"),
             "no-monitoring": start_runbook("daily_health", reports / "no-monitoring",
                                            "-e", "runbook_monitoring_group=no_such_group"),
+            "report-unreachable": start_runbook("daily_report", reports / "report-unreachable",
+                                                "-e", "monitoring_prometheus_port=9"),
         }
         for name, proc in procs.items():
-            results[name] = finish(proc, reports / name, "daily_health")
+            runbook = "daily_report" if name.startswith("report") else "daily_health"
+            results[name] = finish(proc, reports / name, runbook)
         marks["healthy runs"] = time.monotonic() - started
         monitored.check_output("systemctl stop prometheus-node-exporter")
         try:
@@ -228,6 +231,14 @@ def test_no_monitoring_group_is_not_checked_and_not_a_failure(runs):
     assert run["rc"] == 0, run["out"][-3000:]
     assert run["report"]["monitoring"] == "not checked: no monitoring host"
     assert "not checked: no monitoring host" in (run["dir"] / "report.md").read_text()
+
+
+def test_daily_report_without_prometheus_fails_with_the_reason_after_writing_the_report(runs):
+    run = runs["report-unreachable"]
+    assert run["rc"] != 0 and "Traceback" not in run["out"]
+    assert [e.split(": ", 1)[0] for e in run["report"]["errors"]] == [
+        "Prometheus at https://127.0.0.1:9 could not be reached"], run["report"]["errors"]
+    assert "Connection refused" in run["report"]["errors"][0] and run["report"]["colours"] == {}
 
 
 def test_a_stopped_exporter_is_a_down_target_and_its_firing_alert_is_named(runs):

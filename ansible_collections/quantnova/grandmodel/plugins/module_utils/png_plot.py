@@ -118,7 +118,7 @@ def render(panels: list[dict[str, list[Point]]], width: int, height: int) -> byt
         raise PlotError("a plot needs at least one panel")
     canvas = Canvas(width, height)
     cleaned = [{label: sorted(_finite(points)) for label, points in panel.items()} for panel in panels]
-    xs = [x for panel in cleaned for points in panel.values() for x, _ in points]
+    xs = [x for panel in cleaned for points in panel.values() for x, _y in points]
     x_min, x_max = (min(xs), max(xs)) if xs else (0.0, 1.0)
     x_span = (x_max - x_min) or 1.0
     band = height // len(panels)
@@ -133,7 +133,7 @@ def render(panels: list[dict[str, list[Point]]], width: int, height: int) -> byt
         canvas.hline(left, right, bottom, FRAME)
         canvas.vline(left, top, bottom, FRAME)
         canvas.vline(right, top, bottom, FRAME)
-        ys = [y for points in panel.values() for _, y in points]
+        ys = [y for points in panel.values() for _x, y in points]
         y_max = max([y for y in ys if y > 0] or [1.0]) * 1.1
         for number, (label, points) in enumerate(sorted(panel.items())):
             rgb = colour_of(label, number)

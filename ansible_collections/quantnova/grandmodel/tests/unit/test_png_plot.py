@@ -31,8 +31,8 @@ def decode(data: bytes) -> tuple[int, int, list[bytes]]:
         assert zlib.crc32(kind + body) & 0xFFFFFFFF == crc, kind
         chunks.append((kind, body))
         at += 12 + length
-    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
-    width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert [kind for kind, _body in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    width, height, depth, colour_type, _compression, _filter, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
     assert (depth, colour_type, interlace) == (8, 2, 0)
     raw = zlib.decompress(chunks[1][1])
     stride = 1 + 3 * width
@@ -56,7 +56,7 @@ def test_encoded_png_is_valid_and_of_the_size(width: int, height: int) -> None:
 
 def test_a_rising_line_is_drawn_in_its_colour_rising() -> None:
     data = render([{"blue": [(0, 0.0), (10, 1.0)]}], 200, 100)
-    _, _, rows = decode(data)
+    rows = decode(data)[2]
     blue = pixels_of(rows, NAMED["blue"])
     assert blue, "no blue pixel"
     left = [y for x, y in blue if x < 20]
@@ -67,10 +67,10 @@ def test_a_rising_line_is_drawn_in_its_colour_rising() -> None:
 def test_panels_stack_and_each_series_keeps_its_colour() -> None:
     data = render([{"blue": [(0, 1.0), (5, 2.0)], "green": [(0, 2.0), (5, 1.0)]}, {"green": [(0, 3.0), (5, 3.0)]}],
                   120, 120)
-    _, _, rows = decode(data)
+    rows = decode(data)[2]
     green = pixels_of(rows, NAMED["green"])
-    assert any(y < 60 for _, y in green) and any(y >= 60 for _, y in green)
-    assert all(y < 60 for _, y in pixels_of(rows, NAMED["blue"]))
+    assert any(y < 60 for _x, y in green) and any(y >= 60 for _x, y in green)
+    assert all(y < 60 for _x, y in pixels_of(rows, NAMED["blue"]))
 
 
 @pytest.mark.parametrize(("label", "index", "expected"), [
