@@ -127,10 +127,11 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
              "outcome": "promoted", "evidence": {"big": "not in the report"}}
     yesterday = dict(today, id="gm-test-yesterday", finished=utc(writer_start - 86400 - 600))
     records = "\n".join(json.dumps(r) for r in (yesterday, today))
-    # Emergency stops as the runbook records them: one in the window, one the day before.
+    # Emergency stops as the runbook records them, in the reports folder daily_report is given: one in the window,
+    # one the day before.
     for since in (writer_start + 5, writer_start - 86400):
-        folder = reports / f"emergency_stop-{utc(since).replace('-', '').replace(':', '')}"
-        folder.mkdir()
+        folder = reports / "report" / f"emergency_stop-{utc(since).replace('-', '').replace(':', '')}"
+        folder.mkdir(parents=True)
         (folder / "report.json").write_text(json.dumps({"halt": {"since": utc(since), "reason": f"test {since}",
                                                                  "halted_by": "tester"}}))
     monitored.check_output(
