@@ -393,6 +393,25 @@ def test_a_nodeport_forwarded_by_dnat_is_still_open_to_the_load_balancers_only(n
     assert probe_from("controller", address, [NODEPORT]) == {NODEPORT: "filtered"}
 
 
+def test_a_second_run_reloads_nothing_when_etc_protocols_comes_or_goes(host):
+    """Found on the sandbox: the firewall loads before a later role installs netbase (/etc/protocols); nft
+    then lists the ICMP rule as "icmp" instead of "1", and the next run took that for drift and reloaded
+    the table (changed=5 on a re-run). The listing the role compares must not depend on that file."""
+    hidden = host.run("mv /etc/protocols /etc/protocols.gm-test")
+    assert hidden.rc == 0, hidden.stderr
+    try:
+        without = run_firewall_playbook({})
+    finally:
+        host.run("mv /etc/protocols.gm-test /etc/protocols")
+    with_file = run_firewall_playbook({})
+    for proc in (without, with_file):
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output
+        recap = [line for line in output.split("PLAY RECAP")[-1].splitlines() if "ok=" in line]
+        assert recap and all("changed=0" in line for line in recap), output
+    assert host.run("systemctl is-active grandmodel-firewall-rollback.timer").rc != 0
+
+
 def test_check_mode_reports_the_change_and_loads_nothing(host):
     before, candidate = live_table(host), host.file(CANDIDATE).sha256sum
     proc = run_firewall_playbook({"firewall_client_networks": ["198.51.100.0/24"]}, "--check", "--diff")
