@@ -397,14 +397,19 @@ def test_a_second_run_reloads_nothing_when_etc_protocols_comes_or_goes(host):
     """Found on the sandbox: the firewall loads before a later role installs netbase (/etc/protocols); nft
     then lists the ICMP rule as "icmp" instead of "1", and the next run took that for drift and reloaded
     the table (changed=5 on a re-run). The listing the role compares must not depend on that file."""
-    hidden = host.run("mv /etc/protocols /etc/protocols.gm-test")
-    assert hidden.rc == 0, hidden.stderr
+    # Whichever state the host is in (the base image has no netbase), flip it for one run, then flip it back.
+    existed = host.file("/etc/protocols").exists
+    flip = ("mv /etc/protocols /etc/protocols.gm-test" if existed
+            else "printf 'icmp 1 ICMP\\nipv6-icmp 58 IPv6-ICMP\\n' > /etc/protocols")
+    flipped = host.run(flip)
+    assert flipped.rc == 0, flipped.stderr
     try:
-        without = run_firewall_playbook({})
+        assert "icmp" in live_table(host) if not existed else "{ 1, 58 }" in live_table(host)
+        first = run_firewall_playbook({})
     finally:
-        host.run("mv /etc/protocols.gm-test /etc/protocols")
-    with_file = run_firewall_playbook({})
-    for proc in (without, with_file):
+        host.run("mv /etc/protocols.gm-test /etc/protocols" if existed else "rm -f /etc/protocols")
+    second = run_firewall_playbook({})
+    for proc in (first, second):
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, output
         recap = [line for line in output.split("PLAY RECAP")[-1].splitlines() if "ok=" in line]
