@@ -164,8 +164,11 @@ def _read(rel: str) -> str:
 
 
 def _rollout_color_names() -> list[str]:
-    spec = yaml.safe_load((ROLES / "rollout" / "meta" / "argument_specs.yml").read_text())
-    return list(spec["argument_specs"]["main"]["options"]["rollout_colors"]["default"])
+    # The rollout's colours default to the platform's (role _common), their one home.
+    defaults = yaml.safe_load((ROLES / "rollout" / "defaults" / "main.yml").read_text())
+    assert defaults["rollout_colors"] == "{{ grandmodel_colors }}", defaults["rollout_colors"]
+    common = yaml.safe_load((ROLES / "_common" / "defaults" / "main.yml").read_text())
+    return list(common["grandmodel_colors"])
 
 
 def _release_version() -> dict[str, Any]:
