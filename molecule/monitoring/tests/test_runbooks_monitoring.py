@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import testinfra
+from test_monitoring import wait_for
 from test_prometheus_analysis import BUCKETS, MIX, PLAN, WRITE, WRITER
 
 REPO = Path(__file__).resolve().parents[3]
@@ -83,17 +84,6 @@ def finish(proc: subprocess.Popen, reports: Path, runbook: str) -> dict[str, Any
     report = json.loads(written[-1].read_text()) if written else {}
     return {"rc": proc.returncode, "out": out, "report": report,
             "dir": written[-1].parent if written else None}
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def utc(seconds: float) -> str:
@@ -162,7 +152,8 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
         try:
             wait_for(lambda: [a for a in alertmanager(monitoring, "GET", "/api/v2/alerts?active=true")
                               if a["labels"].get("alertname") == "TargetDown"
-                              and a["labels"].get("instance") == NODE_TARGET], 60, "TargetDown in Alertmanager")
+                              and a["labels"].get("instance") == NODE_TARGET], 60, "TargetDown in Alertmanager",
+                     interval=1.0)
             marks["TargetDown fired"] = time.monotonic() - started
             results["exporter-down"] = finish(start_runbook("daily_health", reports / "exporter-down"),
                                               reports / "exporter-down", "daily_health")
