@@ -27,6 +27,7 @@ from grandmodel_service.engine import BatchOutput, LoadedModel, ModelLoadError, 
 from grandmodel_service.lanes import McLane
 from grandmodel_service.metrics import Metrics
 from grandmodel_service.settings import Settings
+from grandmodel_service.shadow import ShadowRing
 
 log = logging.getLogger("grandmodel_service")
 
@@ -147,9 +148,12 @@ class Runtime:
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     started: bool = False
+    #: Answers to requests with an X-Request-ID, for the release's shadow comparison.
+    shadow: ShadowRing = field(init=False)
 
     def __post_init__(self) -> None:
         self.slots = {name: ModelSlot(name) for name in self.settings.models}
+        self.shadow = ShadowRing(self.settings.shadow_ring_size)
 
     async def start(self) -> None:
         settings = self.settings

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     )
     max_request_samples: int = Field(1024, ge=1, description="Largest batch in one request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body")
+    shadow_ring_size: int = Field(
+        10_000,
+        ge=0,
+        le=1_000_000,
+        description="Answers to X-Request-ID requests kept for shadow comparison (0: none)",
+    )
     max_mc_passes: int = Field(32, ge=1, le=1024, description="Largest MC-dropout pass count")
     mc_max_samples: int = Field(
         64, ge=1, description="Largest batch in one Monte-Carlo request (samples x passes run)"

@@ -7,7 +7,7 @@ import hmac
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from grandmodel_service.codec import RequestError
 from grandmodel_service.responses import json_response
@@ -94,3 +94,29 @@ router.add_api_route(
 @router.get("/status", response_model=DrainResponse)
 async def status(runtime: AdminDep) -> Response:
     return json_response(200, _status(runtime))
+
+
+@router.get(
+    "/shadow",
+    summary="The newest answers to requests that carried X-Request-ID (shadow comparison)",
+)
+async def shadow(
+    runtime: AdminDep,
+    limit: Annotated[int, Query(ge=1, le=1_000_000)] = 10_000,
+    model: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_-]{0,63}$")] = None,
+) -> Response:
+    ring = runtime.shadow
+    if model is not None and model not in runtime.slots:
+        raise RequestError(404, "unknown_model", f"this service serves {sorted(runtime.slots)}")
+    records = ring.snapshot(min(limit, ring.capacity or 1), model)
+    return json_response(
+        200,
+        {
+            "color": runtime.settings.color,
+            "service_version": runtime.settings.service_version,
+            "capacity": ring.capacity,
+            "recorded": ring.recorded,
+            "size": len(ring.records),
+            "records": records,
+        },
+    )

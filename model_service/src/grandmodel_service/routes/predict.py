@@ -56,18 +56,13 @@ class PredictEndpoint:
         self.runtime = runtime
         self.metrics = runtime.metrics
         self.max_body = runtime.settings.max_body_bytes
+        self.shadow = runtime.shadow
         color = runtime.settings.color
         self.out_of_domain = runtime.metrics.out_of_domain.labels(slot.name, color)
         self.non_finite = runtime.metrics.non_finite_outputs.labels(slot.name, color)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime, slot = self.runtime, self.slot
-        if runtime.draining:
-            raise RequestError(503, "draining", "service is draining; retry on another host")
-        model, codec, batcher = slot.model, slot.codec, slot.batcher
-        if model is None or codec is None or batcher is None:
-            raise RequestError(503, "model_not_ready", slot.failure or "not loaded")
-        content_type = content_length = accept = shape = None
+        content_type = content_length = accept = shape = request_id = None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value
@@ -77,6 +72,43 @@ class PredictEndpoint:
                 accept = value
             elif name == b"x-shape":
                 shape = value
+            elif name == b"x-request-id":
+                request_id = value
+        if request_id is None or not self.shadow.accepts(request_id):
+            await self._serve(scope, receive, send, content_type, content_length, accept, shape)
+            return
+        # Shadow comparison (routes through the front door's mirror carry X-Request-ID): remember
+        # what this colour answered, errors included, for GET /admin/shadow.
+        started = time.perf_counter()
+        try:
+            probabilities = await self._serve(
+                scope, receive, send, content_type, content_length, accept, shape
+            )
+        except RequestError as exc:
+            self.shadow.add(request_id, self.slot.name, exc.status, started, None)
+            raise
+        except Exception:
+            self.shadow.add(request_id, self.slot.name, 500, started, None)
+            raise
+        self.shadow.add(request_id, self.slot.name, 200, started, probabilities.copy())
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        content_type: bytes | None,
+        content_length: bytes | None,
+        accept: bytes | None,
+        shape: bytes | None,
+    ) -> Any:
+        """Answer one predict request; returns the (B, 3) probabilities it sent."""
+        runtime, slot = self.runtime, self.slot
+        if runtime.draining:
+            raise RequestError(503, "draining", "service is draining; retry on another host")
+        model, codec, batcher = slot.model, slot.codec, slot.batcher
+        if model is None or codec is None or batcher is None:
+            raise RequestError(503, "model_not_ready", slot.failure or "not loaded")
         media = (content_type or b"").partition(b";")[0].strip().lower()
         is_binary = media in BINARY_TYPES
         if not is_binary and media not in JSON_TYPES:
@@ -141,6 +173,7 @@ class PredictEndpoint:
         headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+        return output.probabilities
 
     @staticmethod
     def _asks_for_mc(body: bytes, query: bytes) -> bool:
