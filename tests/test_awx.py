@@ -57,6 +57,8 @@ REQUIRED_PLAYBOOKS = {
     "playbooks/runbooks/security_check.yml",
     "playbooks/runbooks/access_review.yml",
     "playbooks/runbooks/daily_report.yml",
+    "playbooks/runbooks/security_incident.yml",
+    "playbooks/runbooks/maintenance.yml",
 }
 ARGSPEC_TYPES = {"str", "int", "bool", "list", "float"}
 
@@ -219,6 +221,24 @@ def _change_freeze() -> dict[str, Any]:
     return {"type": "str", "required": True, "choices": yaml.safe_load(choices.group(1))}
 
 
+def _flag(playbook: str, variable: str) -> Callable[[], dict[str, Any]]:
+    """An optional true/false the playbook reads with `| bool` (a survey sends the text true or false)."""
+    def spec() -> dict[str, Any]:
+        text = _read(playbook)
+        default = re.search(rf"{variable} \| default\((true|false)\) \| string \| lower\) in \['true', 'false'\]", text)
+        assert default, f"{playbook} no longer checks {variable} as true or false"
+        assert f"#   {variable} (bool):" in text
+        return {"type": "bool", "default": default.group(1) == "true"}
+    return spec
+
+
+def _maintenance_apt_upgrade() -> dict[str, Any]:
+    text = _read("playbooks/runbooks/maintenance.yml")
+    found = re.search(r"maintenance_apt_upgrade \| default\('(\w+)'\) in (\[[^\]]*\])", text)
+    assert found, "maintenance.yml no longer checks maintenance_apt_upgrade against its choices"
+    return {"type": "str", "default": found.group(1), "choices": yaml.safe_load(found.group(2))}
+
+
 # Inputs documented in a playbook header but not in any argument_specs: their spec is read from the code
 # that consumes them, so a change there fails here.
 EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
@@ -232,6 +252,14 @@ EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
     "emergency_stop_reason": _cut_text("playbooks/runbooks/emergency_stop.yml", "emergency_stop_reason"),
     "change_freeze": _change_freeze,
     "change_freeze_reason": _cut_text("playbooks/runbooks/change_freeze.yml", "change_freeze_reason"),
+    "security_incident_reason": _cut_text("playbooks/runbooks/security_incident.yml", "security_incident_reason"),
+    "isolate_host": lambda: {"type": "str"},
+    "security_incident_allow_outage": _flag("playbooks/runbooks/security_incident.yml",
+                                            "security_incident_allow_outage"),
+    "security_incident_vars_file": lambda: {"type": "str"},
+    "maintenance_apt_upgrade": _maintenance_apt_upgrade,
+    "maintenance_allow_outage": _flag("playbooks/runbooks/maintenance.yml", "maintenance_allow_outage"),
+    "maintenance_reason": _cut_text("playbooks/runbooks/maintenance.yml", "maintenance_reason"),
 }
 
 
