@@ -7,11 +7,13 @@ fresh-machine install test (scripts/fresh_machine.py), then each Molecule scenar
 hosts. Each step's full output goes to reports/<step>.log; a
 failed step's tail is printed right away. The last line reads "checks: N passed, N failed".
 
-Steps run in two lanes at once (--jobs 2, the default): the execution environment's build, then the
+Steps run in three lanes at once (--jobs 3, the default): the execution environment's build, then the
 rollout scenario (the longest, mostly waiting on gates and load, which runs a release inside that
-image) with the data scenario in one lane; everything else in order in the other.
-Scenarios never share hosts, networks or ports. --jobs 1 runs every step in order, alone (for
-timings).
+image) and the Kubernetes image in one lane; the fresh-machine install and the data scenarios (data,
+ha: mostly waiting on apt, timers and failovers) in another; lint, sanity, pytest and the other
+scenarios in order in the third. --jobs 2 runs the third lane's steps after the first lane's (the
+order of earlier releases); --jobs 1 runs every step in order, alone (for timings).
+Scenarios never share hosts, networks or ports.
 
   scripts/run_checks.py                 all steps
   scripts/run_checks.py --list          names of the steps
@@ -56,8 +58,11 @@ class Result:
     detail: str
 
 
-# Measured alone: rollout ~20 min, data ~7 min; the first lane carries the other ~27 min.
-SECOND_LANE = ("rollout", "data")
+# The lane of each long step (others run in lane 0). Measured in CI's rehearsal at load 1.6 with two lanes:
+# rollout 23 min, data 16 min, fresh-machine 6 min; lane 0 carries lint, sanity, pytest and the other
+# scenarios (about 30 min).
+LANE_OF = {"execution-environment": 1, "molecule:rollout": 1, "k8s-image": 1,
+           "fresh-machine": 2, "molecule:data": 2, "molecule:ha": 2}
 PRINT_LOCK = threading.Lock()
 
 
@@ -92,14 +97,14 @@ def build_steps() -> list[Step]:
         steps.append(Step("pytest-service", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                              "tests"], cwd=REPO / "model_service"))
     # The install closure on a machine that has never seen the project (nested podman).
-    steps.append(Step("fresh-machine", [py, "scripts/fresh_machine.py"], timeout=1500))
+    steps.append(Step("fresh-machine", [py, "scripts/fresh_machine.py"], timeout=1500, lane=2))
     # The execution environment AWX runs jobs in; the rollout scenario runs a release inside it, so it
     # is built first in that scenario's lane.
     steps.append(Step("execution-environment", [py, "scripts/build_ee.py"], timeout=1800, lane=1))
     for scenario in molecule_scenarios():
         steps.append(Step(f"molecule:{scenario}",
                           [str(VENV_BIN / "molecule"), "test", "-s", scenario], timeout=2400,
-                          lane=1 if scenario in SECOND_LANE else 0))
+                          lane=LANE_OF.get(f"molecule:{scenario}", 0)))
     # The Kubernetes service image run as its Deployment says; release 2026.11.1 comes from the rollout
     # scenario's prepare in the same lane (or is built by the step).
     steps.append(Step("k8s-image", [py, "scripts/k8s_image_check.py"], timeout=1800, lane=1))
@@ -168,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], help="skip these steps")
     parser.add_argument("--list", action="store_true", help="list the steps and exit")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failure")
-    parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
-                        help="2: two lanes at once (default); 1: every step alone, in order")
+    parser.add_argument("--jobs", type=int, choices=(1, 2, 3), default=3,
+                        help="3: three lanes at once (default); 2: two lanes (the third lane's steps after "
+                             "the first's); 1: every step alone, in order")
     args = parser.parse_args(argv)
 
     steps = [s for s in build_steps() if selected(s, args.only, args.skip)]
@@ -181,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     numbered = list(enumerate(steps, 1))
-    lanes = [numbered] if args.jobs == 1 else [
-        [(i, s) for i, s in numbered if s.lane == lane] for lane in (0, 1)]
+    if args.jobs == 1:
+        lanes = [numbered]
+    else:
+        lane_of = {i: (s.lane if args.jobs == 3 or s.lane < 2 else 0) for i, s in numbered}
+        lanes = [[(i, s) for i, s in numbered if lane_of[i] == lane] for lane in range(args.jobs)]
     done: dict[int, Result] = {}
     failed_once = threading.Event()
 
