@@ -27,8 +27,17 @@ description:
     input, with a message that says what was attempted, on what, and why.
 author:
   - GrandModel Ops (@quantnova)
-extends_documentation_fragment:
-  - quantnova.grandmodel.read_only
+attributes:
+  check_mode:
+    support: full
+    description: The module only reads; it runs the same way in check mode.
+  diff_mode:
+    support: none
+    description: Nothing is changed, so there is nothing to diff.
+  platform:
+    support: full
+    platforms: posix
+    description: Any host with Python 3 that can reach each colour's service (the URLs of O(baseline) and O(candidate)).
 options:
   baseline:
     description: The live colour, whose answers the clients get.
@@ -115,8 +124,8 @@ options:
     choices: [failed, inconclusive]
     default: [failed, inconclusive]
 notes:
-  - Requests answered by only one colour are counted (RV(statistics.baseline_records),
-    RV(statistics.candidate_records)) but not compared; the mirror is best effort, nginx drops a mirror that
+  - Requests answered by only one colour are counted (C(baseline_records), C(candidate_records) in RV(statistics))
+    but not compared; the mirror is best effort, nginx drops a mirror that
     times out.
   - A request one colour answered with an error is not compared for agreement or latency; it counts in that
     colour's error ratio.
