@@ -1,0 +1,152 @@
+"""Release records in PostgreSQL monitoring.deployments, with the JSON-lines file as the record of truth.
+
+records.yml runs the rollout role's record step on the db host exactly as every app host runs it at the end of a
+release (the test gives the plan and outcome). The record must reach the table once, through the least-privilege
+release-record login; with PostgreSQL stopped the release must go on within seconds with its record kept in the
+file, and the next record must back-fill it; every webhook must get the event, and a dead receiver must not hold
+the release back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+SCENARIO = Path(__file__).resolve().parents[1]
+EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent"))
+DB_HOST = "gm-mol-data-db"
+RECORD_FILE = "/var/lib/grandmodel-test/deployments.jsonl"
+RUN = str(int(time.time()))  # ids of this run: a converge kept from an earlier verify has older rows
+
+
+def record(record_id: str, outcome: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [str(REPO / ".venv/bin/ansible-playbook"), "-i", os.environ["MOLECULE_INVENTORY_FILE"],
+         str(SCENARIO / "records.yml"), "-e", f"record_id={record_id}", "-e", f"record_outcome={outcome}", *extra],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
+    )
+    return proc, time.monotonic() - started
+
+
+def on_db(*argv: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
+    return subprocess.run(["podman", "exec", *flags, DB_HOST, *argv], capture_output=True, text=True, check=check,
+                          timeout=120)
+
+
+def superuser(sql: str) -> str:
+    return on_db("runuser", "-u", "postgres", "--", "psql", "-X", "-At", "-d", "grandmodel", "-c", sql).stdout.strip()
+
+
+def rows(record_id: str) -> list[list[str]]:
+    out = superuser("SELECT outcome, version, previous_version, colour, environment, initiated_by, "
+                    "gate_evidence->>'host', gate_evidence->'evidence'->'pre_gate'->>'status' "
+                    f"FROM monitoring.deployments WHERE gate_evidence->>'id' = '{record_id}'")
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def as_deployer(sql: str) -> subprocess.CompletedProcess[str]:
+    password = (EPHEMERAL / "secrets" / "postgresql_deployer").read_text().split()[0]
+    return on_db("psql", "-X", "-w", "-At", "-v", "ON_ERROR_STOP=1",
+                 "host=127.0.0.1 user=grandmodel_deployer dbname=grandmodel sslmode=require", "-c", sql,
+                 env={"PGPASSWORD": password}, check=False)
+
+
+class Receiver(ThreadingHTTPServer):
+    """A webhook receiver on the controller's loopback that keeps every JSON body it is sent."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        bodies: list[dict[str, Any]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.bodies = bodies
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def dead_url() -> str:
+    with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as closed:
+        port = closed.server_address[1]
+    return f"http://127.0.0.1:{port}/hook"  # nothing listens there any more: connection refused
+
+
+def test_a_record_reaches_the_table_once_and_every_webhook_hears_of_it(receiver: Receiver) -> None:
+    hooks = json.dumps({"rollout_notify_webhooks": [dead_url(), receiver.url]})
+    proc, _ = record(f"{RUN}-promoted", "success", "-e", hooks)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert rows(f"{RUN}-promoted") == [["promoted", "2026.11.1", "2026.11.0", "green", "molecule", "molecule",
+                                        DB_HOST, "passed"]]
+    # The dead receiver is named and the release went on; the live one got the outcome with the record.
+    assert "did not take the release_success notification" in proc.stdout
+    (event,) = receiver.bodies
+    assert event["event"] == "release_success" and event["record"]["id"] == f"{RUN}-promoted", event
+    assert event["environment"] == "molecule" and event["record"]["outcome"] == "success"
+    # A second record offers the first one again (the back-fill window): it is not written twice.
+    proc, _ = record(f"{RUN}-aborted", "aborted_pre_promotion")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert rows(f"{RUN}-aborted")[0][0] == "aborted"
+    assert len(rows(f"{RUN}-promoted")) == 1
+
+
+def test_with_the_database_down_the_record_waits_in_the_file_and_is_back_filled() -> None:
+    on_db("systemctl", "stop", "postgresql@15-main")
+    try:
+        proc, seconds = record(f"{RUN}-db-down", "rolled_back_post_promotion")
+    finally:
+        on_db("systemctl", "start", "postgresql@15-main")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"deployment record {RUN}-db-down kept in {DB_HOST}:{RECORD_FILE} only" in proc.stdout
+    # The whole play, ansible start-up included, within seconds: the database costs at most its 3 s timeout.
+    assert seconds < 30, seconds
+    lines = [json.loads(line) for line in on_db("cat", RECORD_FILE).stdout.splitlines()]
+    assert [r["outcome"] for r in lines if r["id"] == f"{RUN}-db-down"] == ["rolled_back_post_promotion"]
+    assert rows(f"{RUN}-db-down") == []
+    proc, _ = record(f"{RUN}-after", "success")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert rows(f"{RUN}-db-down")[0][0] == "rolled_back" and rows(f"{RUN}-after")[0][0] == "promoted"
+
+
+def test_the_release_record_login_may_only_add_and_read_records() -> None:
+    assert as_deployer("SELECT count(*) > 0 FROM monitoring.deployments").stdout.strip() == "t"
+    for sql in ("DELETE FROM monitoring.deployments", "UPDATE monitoring.deployments SET notes = 'x'",
+                "SELECT count(*) FROM trading.trades", "CREATE TABLE monitoring.sneaky (id int)"):
+        denied = as_deployer(sql)
+        assert denied.returncode != 0 and "permission denied" in denied.stderr, (sql, denied.stdout, denied.stderr)
