@@ -225,7 +225,8 @@ def _flag(playbook: str, variable: str) -> Callable[[], dict[str, Any]]:
     """An optional true/false the playbook reads with `| bool` (a survey sends the text true or false)."""
     def spec() -> dict[str, Any]:
         text = _read(playbook)
-        default = re.search(rf"{variable} \| default\((true|false)\) \| string \| lower\) in \['true', 'false'\]", text)
+        default = re.search(rf"{variable} \| default\((true|false)\) \| string \| lower\) not in \['true', 'false'\]",
+                            text)
         assert default, f"{playbook} no longer checks {variable} as true or false"
         assert f"#   {variable} (bool):" in text
         return {"type": "bool", "default": default.group(1) == "true"}
@@ -234,7 +235,7 @@ def _flag(playbook: str, variable: str) -> Callable[[], dict[str, Any]]:
 
 def _maintenance_apt_upgrade() -> dict[str, Any]:
     text = _read("playbooks/runbooks/maintenance.yml")
-    found = re.search(r"maintenance_apt_upgrade \| default\('(\w+)'\) in (\[[^\]]*\])", text)
+    found = re.search(r"maintenance_apt_upgrade \| default\('(\w+)'\) not in (\[[^\]]*\])", text)
     assert found, "maintenance.yml no longer checks maintenance_apt_upgrade against its choices"
     return {"type": "str", "default": found.group(1), "choices": yaml.safe_load(found.group(2))}
 
