@@ -1,0 +1,143 @@
+"""Helpers of the HA scenario's tests: the members, Patroni's view of the cluster, SQL through the endpoint,
+and the write-load client whose log of acknowledged commits the failover tests count against."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import testinfra
+
+REPO = Path(__file__).resolve().parents[3]
+EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent"))
+SECRETS = EPHEMERAL / "secrets"
+FIGURES = EPHEMERAL / "ha-figures.json"
+MEMBERS = ["gm-mol-ha-1", "gm-mol-ha-2", "gm-mol-ha-3"]
+DATA_DIR = "/var/lib/postgresql/15/grandmodel"
+WRITER = Path(__file__).with_name("ha_writer.py")
+
+
+def secret(name: str) -> str:
+    return (SECRETS / name).read_text().split()[0]
+
+
+def member(name: str) -> Any:
+    return testinfra.get_host(f"podman://{name}")
+
+
+def address(name: str) -> str:
+    return str(member(name).check_output("hostname -I").split()[0])
+
+
+def cluster(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Patroni's /cluster as the first member that answers sees it (members in `exclude` are not asked)."""
+    errors = []
+    for name in MEMBERS:
+        if name in exclude:
+            continue
+        url = f"http://{address(name)}:8008/cluster"
+        run = member(name).run(
+            "python3 -c " + shlex.quote(
+                f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=3).read().decode())"))
+        if run.rc == 0:
+            return dict(json.loads(run.stdout))
+        errors.append(f"{name}: {run.stderr[-300:]}")
+    raise AssertionError(f"no member answered /cluster: {errors}")
+
+
+def roles(view: dict[str, Any]) -> dict[str, str]:
+    return {m["name"]: m["role"] for m in view["members"]}
+
+
+def leader(view: dict[str, Any]) -> str | None:
+    return next((m["name"] for m in view["members"] if m["role"] == "leader" and m["state"] == "running"), None)
+
+
+def sql(name: str, query: str, port: int = 5000) -> str:
+    """A query through the endpoint (HAProxy on `name`), as the superuser over TCP (scram-sha-256)."""
+    return str(member(name).check_output(
+        f"PGPASSWORD={shlex.quote(secret('patroni_superuser'))} psql -X -At -h 127.0.0.1 -p {port} "
+        f"-U postgres -d postgres -v ON_ERROR_STOP=1 -c {shlex.quote(query)}"))
+
+
+def wait_for(what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except AssertionError as error:
+            last = error
+        if last and not isinstance(last, AssertionError):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last})")
+
+
+def record(**figures: Any) -> None:
+    """Keep a figure for the report (the scenario's ephemeral dir) and show it in the test output."""
+    known = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    known.update(figures)
+    FIGURES.write_text(json.dumps(known, indent=2))
+    print(f"HA figures: {figures}")
+
+
+@dataclass
+class WriteLoad:
+    """ha_writer.py running on one member as a transient systemd unit."""
+
+    host: str
+    unit: str
+
+    @property
+    def log(self) -> str:
+        return f"/root/{self.unit}.log"
+
+    @property
+    def stop_file(self) -> str:
+        return f"/root/{self.unit}.stop"
+
+    def start(self, first_id: int) -> None:
+        subprocess.run(["podman", "cp", str(WRITER), f"{self.host}:/root/ha_writer.py"], check=True)
+        member(self.host).check_output(
+            f"rm -f {self.log} {self.stop_file}; systemd-run --unit={self.unit} "
+            f"--setenv=PGPASSWORD={shlex.quote(secret('patroni_superuser'))} "
+            f"python3 /root/ha_writer.py --log {self.log} --stop-file {self.stop_file} --seconds 120 "
+            f"--first-id {first_id}")
+
+    def acknowledged(self) -> list[tuple[int, float]]:
+        out = member(self.host).run(f"cat {self.log}").stdout
+        return [(int(i), float(t)) for i, t in (line.split() for line in out.splitlines() if line.strip())]
+
+    def stop(self) -> list[tuple[int, float]]:
+        host = member(self.host)
+        host.check_output(f"touch {self.stop_file}")
+        wait_for(f"{self.unit} to stop", lambda: host.run(f"systemctl is-active {self.unit}").rc != 0, 20)
+        return self.acknowledged()
+
+
+def longest_gap(acked: list[tuple[int, float]]) -> float:
+    times = [t for _, t in acked]
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def lost_rows(name: str, acked: list[tuple[int, float]]) -> list[int]:
+    if not acked:
+        return []
+    low, high = acked[0][0], acked[-1][0]
+    present = {int(i) for i in sql(name, f"SELECT id FROM ha_probe WHERE id BETWEEN {low} AND {high}").split()}
+    return [i for i, _ in acked if i not in present]
+
+
+def run_playbook(playbook: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REPO / ".venv/bin/ansible-playbook"), "-i", os.environ["MOLECULE_INVENTORY_FILE"],
+         str(REPO / "playbooks" / playbook), *extra],
+        capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
