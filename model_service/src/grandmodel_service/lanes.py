@@ -198,3 +198,21 @@ class McLane:
     def shutdown(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+        _stop_resource_tracker()
+
+
+def _stop_resource_tracker() -> None:
+    """Stop multiprocessing's resource tracker and reap it, so the server exits as the last process.
+
+    The process pool starts the tracker; it ignores SIGTERM and exits only when the server's end of its
+    pipe closes, that is a moment *after* the server exited. systemd then finds a process left in the
+    unit's cgroup and waits for it; where it is not told that the cgroup emptied (cgroup v1 in a
+    container), it waits the whole TimeoutStopSec: every stop of a colour took 30 s on the test hosts
+    instead of 0.2 s.
+    """
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()
