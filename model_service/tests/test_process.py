@@ -180,20 +180,22 @@ def _alive(pid: int) -> bool:
 def _describe(pid: int) -> str:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:100]
-        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        state = next(line for line in status if line.startswith("State"))
     except (OSError, StopIteration):
         return f"{pid} (gone)"
     return f"{pid} {state} {cmd}"
 
 
 def test_the_server_exits_after_its_worker_and_resource_tracker(server) -> None:
-    """systemd stops a colour when its cgroup is empty: a helper process that outlives the server (the
-    multiprocessing resource tracker ignores SIGTERM and used to exit only after the server had) made every
-    stop on the test hosts wait the unit's whole TimeoutStopSec, 30 s."""
+    """systemd stops a colour when its cgroup is empty: a helper process that outlives the server
+    (the multiprocessing resource tracker ignores SIGTERM and used to exit only after the server
+    had) made every stop on the test hosts wait the unit's whole TimeoutStopSec, 30 s."""
     proc, _port, _log = server
     children = _children(proc.pid)
     assert len(children) >= 2, children  # the Monte-Carlo worker process and the resource tracker
-    proc.send_signal(signal.SIGTERM)  # the server alone: the children must be stopped and reaped by it
+    proc.send_signal(signal.SIGTERM)  # the server alone: it must stop and reap its children
     proc.wait(60)  # uvicorn ends by re-raising the signal once it has shut down
     left = [pid for pid in children if _alive(pid)]
-    assert left == [], f"processes of the server still there after it exited: {[_describe(pid) for pid in left]}"
+    described = [_describe(pid) for pid in left]
+    assert left == [], f"processes of the server still there after it exited: {described}"

@@ -202,13 +202,13 @@ class McLane:
 
 
 def _stop_resource_tracker() -> None:
-    """Stop multiprocessing's resource tracker and reap it, so the server exits as the last process.
+    """Stop multiprocessing's resource tracker and reap it, so the server exits last.
 
-    The process pool starts the tracker; it ignores SIGTERM and exits only when the server's end of its
-    pipe closes, that is a moment *after* the server exited. systemd then finds a process left in the
-    unit's cgroup and waits for it; where it is not told that the cgroup emptied (cgroup v1 in a
-    container), it waits the whole TimeoutStopSec: every stop of a colour took 30 s on the test hosts
-    instead of 0.2 s.
+    The process pool starts the tracker; it ignores SIGTERM and exits only when the server's
+    end of its pipe closes, a moment *after* the server exited. systemd then finds a process
+    left in the unit's cgroup and waits for it; where it is not told that the cgroup emptied
+    (cgroup v1 in a container), it waits the whole TimeoutStopSec: every stop of a colour took
+    30 s on the test hosts instead of 0.2 s.
     """
     from multiprocessing import resource_tracker
 
