@@ -18,10 +18,8 @@ import contextlib
 import json
 import os
 import random
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +30,11 @@ sys.path.insert(0, str(PROJECT / "scripts"))
 
 from frontdoor_load import LoadGenerator  # noqa: E402
 
-FRONT = "http://127.0.0.1:28080"
-APP = "gm-mol-rollout-app"
-LB = "gm-mol-rollout-lb"
+# The scenario's hosts, files and helpers, as test_rollout.py defines them.
+from test_rollout import APP, UPSTREAM, lb_file, playbook, records  # noqa: E402
+from test_rollout import front_version as version  # noqa: E402
+
 MIRROR_FILE = "/etc/nginx/grandmodel/shadow.d/mirror.conf"
-UPSTREAM = "/etc/nginx/grandmodel/upstream.conf"
 RELEASES = ["2026.11.0", "2026.11.1", "2026.11.2"]  # seeds 7, 8, 9 (prepare.yml)
 RATE = 60.0
 SHADOW = {"rollout_weight_steps": [10, 100], "rollout_shadow_seconds": 8, "rollout_shadow_min_joined": 100}
@@ -60,29 +58,6 @@ class VariedLoad(LoadGenerator):
     @body.setter
     def body(self, _value: bytes) -> None:
         pass  # the parent's fixed body is not used
-
-
-def version() -> dict[str, Any]:
-    with urllib.request.urlopen(f"{FRONT}/version", timeout=5) as resp:
-        result: dict[str, Any] = json.load(resp)
-    return result
-
-
-def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(PROJECT / ".venv/bin/ansible-playbook"), "-i", os.environ["MOLECULE_INVENTORY_FILE"],
-           str(PROJECT / "playbooks" / name), *extra]
-    return subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, timeout=900, check=False)
-
-
-def records(host: Any) -> list[dict[str, Any]]:
-    text = host.check_output("cat /var/lib/grandmodel/deployments.jsonl 2>/dev/null || true")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def lb_file(path: str) -> Path:
-    out = subprocess.run(["podman", "inspect", "-f", "{{.State.Pid}}", LB], capture_output=True, text=True,
-                         check=True).stdout
-    return Path(f"/proc/{int(out.strip())}/root{path}")
 
 
 def test_a_release_whose_model_disagrees_is_refused_in_shadow_before_serving_any_client(host):
