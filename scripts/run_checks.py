@@ -56,6 +56,7 @@ class Result:
     ok: bool
     seconds: float
     detail: str
+    reasons: list[str] = field(default_factory=list)
 
 
 # The lane of each long step with --jobs 3 (others run in lane 0), and where lane 2's steps go with --jobs 2.
@@ -135,6 +136,28 @@ def summarize_output(log: Path) -> str:
     return ""
 
 
+def failure_reasons(log: Path, limit: int = 8) -> list[str]:
+    """Why a step failed, from its own output: pytest's FAILED/ERROR lines, Ansible's fatal tasks.
+
+    A Molecule log ends with the destroy stage, so its tail says nothing about the failure; these
+    lines are repeated in the closing summary, which is what a CI report shows.
+    """
+    found: list[str] = []
+    task = ""
+    for raw in log.read_text(errors="replace").splitlines():
+        line = raw.strip()
+        if line.startswith("TASK ["):
+            task = line.split("]")[0].removeprefix("TASK [")
+        elif line.startswith(("FAILED ", "ERROR ")) and ("::" in line or " - " in line):
+            found.append(line[:240])
+        elif line.startswith("fatal: [") and "...ignoring" not in line:
+            found.append(f"{task}: {line}"[:240])
+        elif line.startswith("CRITICAL "):
+            found.append(line[:240])
+    unique = list(dict.fromkeys(found))
+    return unique[:limit] + ([f"... and {len(unique) - limit} more in {log.name}"] if len(unique) > limit else [])
+
+
 def run_step(step: Step, index: int, total: int) -> Result:
     REPORTS.mkdir(exist_ok=True)
     log = REPORTS / (step.name.replace(":", "-") + ".log")
@@ -161,9 +184,11 @@ def run_step(step: Step, index: int, total: int) -> Result:
     seconds = time.monotonic() - started
     detail = summarize_output(log) + (f" ({detail})" if detail else "")
     say(f"{label} {'PASS' if ok else 'FAIL'} in {seconds:.1f}s  {detail}".rstrip())
+    reasons = [] if ok else failure_reasons(log)
     if not ok:
         say(f"----- last lines of {log.relative_to(REPO)} -----\n{tail(log)}\n-----")
-    return Result(step, ok, seconds, detail)
+        say("\n".join(f"  why: {reason}" for reason in reasons))
+    return Result(step, ok, seconds, detail, reasons)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     busy = sum(r.seconds for r in results)
     print(f"  {'total':<{width}}        {total:7.1f}s  wall, {busy:.1f}s of steps in {len(threads)} lane(s),"
           f" load {os.getloadavg()[0]:.1f} (logs in reports/)")
+    for r in results:
+        if not r.ok:
+            print(f"why {r.step.name} failed (reports/{r.step.name.replace(':', '-')}.log):")
+            print("\n".join(f"  {reason}" for reason in r.reasons or ["no FAILED, fatal or CRITICAL line"]))
     print(f"checks: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 
