@@ -148,7 +148,7 @@ def failure_reasons(log: Path, limit: int = 8) -> list[str]:
         line = raw.strip()
         if line.startswith("TASK ["):
             task = line.split("]")[0].removeprefix("TASK [")
-        elif line.startswith(("FAILED ", "ERROR ")) and ("::" in line or " - " in line):
+        elif line.startswith(("FAILED ", "ERROR ")) and "RETRYING" not in line and ("::" in line or " - " in line):
             found.append(line[:240])
         elif line.startswith("fatal: [") and "...ignoring" not in line:
             found.append(f"{task}: {line}"[:240])
