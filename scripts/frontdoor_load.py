@@ -46,6 +46,7 @@ class Request:
     keepalive: bool
     error: str = ""
     retried: bool = False  # resent once after a reused connection closed before any answer
+    version: str = ""  # the model release the answer names (LoadGenerator(read_version=True) only)
 
     @property
     def ok(self) -> bool:
@@ -145,9 +146,11 @@ class LoadGenerator:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 28080, rate: float = 100.0,
                  workers: int = 8, seconds: float = 120.0, max_requests: int = 100_000,
-                 color_ports: dict[int, str] | None = None, timeout: float = 10.0) -> None:
+                 color_ports: dict[int, str] | None = None, timeout: float = 10.0,
+                 read_version: bool = False) -> None:
         check_target(host)
         self.host, self.port, self.timeout = host, port, timeout
+        self.read_version = read_version
         self.interval = workers / rate
         self.workers = workers
         self.deadline = time.monotonic() + seconds
@@ -169,6 +172,14 @@ class LoadGenerator:
             return self.color_ports.get(int(last.rsplit(":", 1)[1]), last)
         except (IndexError, ValueError):
             return last
+
+    @staticmethod
+    def _version(data: bytes) -> str:
+        """The release a prediction's answer names (its "version"), read from the answer itself."""
+        try:
+            return str(json.loads(data).get("version", ""))
+        except (ValueError, AttributeError):
+            return ""
 
     @staticmethod
     def _drop_if_closed(conn: http.client.HTTPConnection) -> None:
@@ -212,11 +223,12 @@ class LoadGenerator:
                 retried = True
                 conn.request("POST", PREDICT_PATH, body=self.body, headers=headers)
                 resp = conn.getresponse()
-            resp.read()
+            data = resp.read()
             color = self._color(resp.getheader("X-Served-By"))
             if resp.getheader("Connection", "").lower() == "close":
                 conn.close()
-            return Request(started, time.monotonic() - started, resp.status, color, keepalive, retried=retried)
+            return Request(started, time.monotonic() - started, resp.status, color, keepalive, retried=retried,
+                           version=self._version(data) if self.read_version and resp.status == 200 else "")
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             return Request(started, time.monotonic() - started, 0, "", keepalive,
