@@ -89,7 +89,7 @@ def changed(proc: subprocess.CompletedProcess[str]) -> int:
 
 
 def test_the_inputs_are_declared_for_the_role_and_awx() -> None:
-    options = SPECS["argument_specs"]["main"]["options"]
+    options = SPECS["argument_specs"]["rollback_version_check"]["options"]
     for name in ("rollback_version", "rollback_reason"):
         assert options[name]["type"] == "str" and options[name]["default"] == "", options[name]
     templates = {t["name"]: t for t in yaml.safe_load((REPO / "awx" / "job_templates.yml").read_text())[
