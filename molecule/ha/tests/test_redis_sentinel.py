@@ -1,0 +1,216 @@
+"""Redis with Sentinel on gm-mol-ha-1..3 (group cache_ha, playbooks/cache_ha.yml).
+
+In this order on one replication set: its shape (one master, two replicas, three Sentinels agreeing with a
+quorum of 2), the ACL users (replication and Sentinel users limited to what they send, the application's
+rights unchanged, no anonymous Sentinel), a kill -9 of the master's redis-server under a steady write load
+by a Sentinel-aware client (seconds without a writable master, acknowledged writes lost, the old master
+back as a replica), and a second run of the playbook after the failover that changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import MEMBERS, address, longest_gap, member, record, run_playbook, secret, wait_for
+
+testinfra_hosts = ["podman://gm-mol-ha-1"]
+
+MASTER_NAME = "grandmodel"
+CA = "/etc/grandmodel/pki/ca.crt"
+SOCKET = "/run/redis/redis-server.sock"
+KEY = "sentinel_probe"
+USERS = {"admin": ("grandmodel_admin", "redis_admin"), "app": ("grandmodel_app", "redis_app"),
+         "sentinel": ("sentinel", "redis_sentinel"), "replication": ("replication", "redis_replication")}
+WRITER = Path(__file__).with_name("redis_writer.py")
+
+
+def cli(host: str, *args: str, user: str = "admin", target: str = "socket") -> str:
+    """redis-cli on `host` as `user`: to its Redis over the Unix socket, or over TLS to `target`
+    ("<address>:<port>"). Returns stdout and stderr together (error replies included)."""
+    name, secret_name = USERS[user]
+    where = f"-s {SOCKET}" if target == "socket" else (
+        f"--tls --cacert {CA} -h {target.rsplit(':', 1)[0]} -p {target.rsplit(':', 1)[1]}")
+    run = member(host).run(
+        f"REDISCLI_AUTH={shlex.quote(secret(secret_name))} redis-cli {where} --user {name} --no-auth-warning "
+        + " ".join(shlex.quote(a) for a in args))
+    return str(run.stdout + run.stderr).strip()
+
+
+def sentinel(host: str, *args: str, user: str = "sentinel") -> str:
+    return cli(host, *args, user=user, target="127.0.0.1:26379")
+
+
+def addresses() -> dict[str, str]:
+    return {address(n): n for n in MEMBERS}
+
+
+def master_by(host: str) -> str | None:
+    """The member the Sentinel on `host` names as master."""
+    lines = sentinel(host, "SENTINEL", "get-master-addr-by-name", MASTER_NAME).splitlines()
+    return addresses().get(lines[0]) if len(lines) == 2 else None
+
+
+def agreed_master(among: tuple[str, ...] = tuple(MEMBERS)) -> str | None:
+    named = {master_by(h) for h in among}
+    return named.pop() if len(named) == 1 and None not in named else None
+
+
+def info(host: str, section: str = "replication") -> dict[str, str]:
+    return dict(line.split(":", 1) for line in cli(host, "INFO", section).splitlines() if ":" in line)
+
+
+def sentinel_master(host: str) -> dict[str, str]:
+    lines = sentinel(host, "SENTINEL", "MASTER", MASTER_NAME).splitlines()
+    return dict(zip(lines[0::2], lines[1::2], strict=False))
+
+
+def main_pid(host: str, unit: str) -> str:
+    return str(member(host).check_output(f"systemctl show -p MainPID --value {unit}"))
+
+
+@dataclass
+class SentinelLoad:
+    """redis_writer.py on one member as a transient systemd unit, as the application user."""
+
+    host: str
+    unit: str = "redis-writer-failover"
+
+    @property
+    def log(self) -> str:
+        return f"/root/{self.unit}.log"
+
+    @property
+    def stop_file(self) -> str:
+        return f"/root/{self.unit}.stop"
+
+    def start(self, first_id: int) -> None:
+        subprocess.run(["podman", "cp", str(WRITER), f"{self.host}:/root/redis_writer.py"], check=True)
+        sentinels = " ".join(f"--sentinel {a}:26379" for a in addresses())
+        member(self.host).check_output(
+            f"rm -f {self.log} {self.stop_file}; systemd-run --unit={self.unit} "
+            f"--setenv=REDIS_PASSWORD={shlex.quote(secret('redis_app'))} "
+            f"python3 /root/redis_writer.py {sentinels} --master-name {MASTER_NAME} --cafile {CA} "
+            f"--user grandmodel_app --key {KEY} --log {self.log} --stop-file {self.stop_file} --seconds 120 "
+            f"--first-id {first_id}")
+
+    def acknowledged(self) -> list[tuple[int, float, int]]:
+        out = member(self.host).run(f"cat {self.log}").stdout
+        return [(int(i), float(t), int(r)) for i, t, r in (line.split() for line in out.splitlines() if line.strip())]
+
+    def stop(self) -> list[tuple[int, float, int]]:
+        host = member(self.host)
+        host.check_output(f"touch {self.stop_file}")
+        wait_for(f"{self.unit} to stop", lambda: host.run(f"systemctl is-active {self.unit}").rc != 0, 20)
+        return self.acknowledged()
+
+
+def test_one_master_two_replicas_three_sentinels_with_a_quorum() -> None:
+    master = wait_for("the three Sentinels naming one master", agreed_master, 60)
+    replicas = [n for n in MEMBERS if n != master]
+
+    def replicas_streaming() -> bool:
+        return info(master).get("connected_slaves") == "2" and all(
+            info(n).get("master_link_status") == "up" for n in replicas)
+
+    wait_for("two replicas streaming from the master", replicas_streaming, 60)
+    assert info(master)["role"] == "master"
+    for name in MEMBERS:
+        state = wait_for(f"{name}'s Sentinel knowing both replicas and both other Sentinels",
+                         lambda n=name: (s := sentinel_master(n)).get("num-slaves") == "2"
+                         and s.get("num-other-sentinels") == "2" and s, 60)
+        assert state["quorum"] == "2" and state["down-after-milliseconds"] == "2000", state
+        assert sentinel(name, "SENTINEL", "CKQUORUM", MASTER_NAME).startswith("OK 3 usable Sentinels"), name
+    # The role's redis.conf names no master: the topology is Sentinel's (runtime and its own file).
+    assert "replicaof" not in member(replicas[0]).check_output("cat /etc/redis/redis.conf")
+
+
+def test_replication_and_sentinel_users_have_least_privilege_and_the_app_user_is_unchanged() -> None:
+    master = agreed_master()
+    assert master
+    target = f"{address(master)}:6380"
+    # The replication user: PSYNC, REPLCONF and PING only.
+    assert "NOPERM" in cli(MEMBERS[0], "GET", "x", user="replication", target=target)
+    assert cli(MEMBERS[0], "PING", user="replication", target=target) == "PONG"
+    # The Sentinel user on Redis: what Sentinel sends (INFO, ROLE, REPLICAOF via SLAVEOF, ...), no data.
+    assert "NOPERM" in cli(MEMBERS[0], "GET", "x", user="sentinel", target=target)
+    assert "NOPERM" in cli(MEMBERS[0], "FLUSHALL", user="sentinel", target=target)
+    assert "role:master" in cli(MEMBERS[0], "INFO", "replication", user="sentinel", target=target)
+    # The application user: data as before, never the topology.
+    assert cli(MEMBERS[0], "SET", "acl_probe", "1", user="app", target=target) == "OK"
+    assert "NOPERM" in cli(MEMBERS[0], "REPLICAOF", "NO", "ONE", user="app", target=target)
+    # The Sentinels: no anonymous access; the application asks where the master is and nothing more.
+    anonymous = member(MEMBERS[0]).run(
+        f"redis-cli --tls --cacert {CA} -h 127.0.0.1 -p 26379 SENTINEL get-master-addr-by-name {MASTER_NAME}")
+    assert re.search("NOAUTH|NOPERM|WRONGPASS", anonymous.stdout + anonymous.stderr), anonymous.stdout
+    assert sentinel(MEMBERS[0], "SENTINEL", "get-master-addr-by-name", MASTER_NAME, user="app").splitlines()[0] \
+        == address(master)
+    assert "NOPERM" in sentinel(MEMBERS[0], "SENTINEL", "FAILOVER", MASTER_NAME, user="app")
+    assert "NOPERM" in sentinel(MEMBERS[0], "SENTINEL", "SET", MASTER_NAME, "quorum", "1", user="app")
+
+
+def test_kill_9_of_the_master_under_write_load_promotes_a_replica_and_the_client_follows() -> None:
+    old = agreed_master()
+    assert old
+    writer_host = next(n for n in MEMBERS if n != old)
+    load = SentinelLoad(writer_host)
+    first = int(cli(old, "SCARD", KEY) or 0) + 100000
+    load.start(first)
+    wait_for("steady acknowledged writes", lambda: len(load.acknowledged()) >= 50, 30)
+    victim = member(old)
+    # Debian's unit restarts Redis at once after a crash (before any Sentinel could notice); a dead host
+    # does not come back: no restart for this test.
+    victim.check_output("mkdir -p /run/systemd/system/redis-server.service.d && printf '[Service]\\nRestart=no\\n' "
+                        "> /run/systemd/system/redis-server.service.d/ha-test.conf && systemctl daemon-reload")
+    victim.check_output("kill -9 $(systemctl show -p MainPID --value redis-server)")
+    killed_at = time.time()
+    others = tuple(n for n in MEMBERS if n != old)
+    try:
+        new = wait_for("the other Sentinels naming a new master",
+                       lambda: (m := agreed_master(others)) != old and m, 60)
+        promoted_after = time.time() - killed_at
+        wait_for("writes acknowledged by the new master",
+                 lambda: any(t > killed_at + 1 for _, t, _ in load.acknowledged()), 30)
+        time.sleep(2)
+    finally:
+        acked = load.stop()
+    present = {int(i) for i in cli(new, "SMEMBERS", KEY).split()}
+    lost = [i for i, _, _ in acked if i not in present]
+    lost_confirmed = [i for i, _, r in acked if r >= 1 and i not in present]
+    gap = longest_gap([(i, t) for i, t, _ in acked if t > killed_at - 5])
+    record(redis_failover_seconds_without_writable_master=round(gap, 2),
+           redis_failover_promoted_after_seconds=round(promoted_after, 2),
+           redis_failover_acknowledged=len(acked), redis_failover_lost=len(lost),
+           redis_failover_replica_confirmed=sum(1 for a in acked if a[2] >= 1),
+           redis_failover_replica_confirmed_lost=len(lost_confirmed), redis_failover_new_master=new)
+    assert new != old
+    assert not lost_confirmed, f"writes a replica had confirmed (WAIT) missing after failover: {lost_confirmed[:20]}"
+    assert gap < 30, f"{gap:.1f} s without a writable master"
+
+    victim.check_output("rm -f /run/systemd/system/redis-server.service.d/ha-test.conf && systemctl daemon-reload "
+                        "&& systemctl start redis-server")
+    started = time.monotonic()
+    wait_for(f"{old} back as a replica of {new}",
+             lambda: (i := info(old)).get("role") == "slave" and i.get("master_host") == address(new)
+             and i.get("master_link_status") == "up", 90, 1)
+    record(redis_old_master_rejoin_seconds=round(time.monotonic() - started, 1))
+    wait_for("the old master holding the new master's data",
+             lambda: cli(old, "SCARD", KEY) == cli(new, "SCARD", KEY), 30)
+
+
+def test_a_run_after_the_failover_changes_nothing_and_restarts_nothing() -> None:
+    master = wait_for("the three Sentinels naming one master", agreed_master, 60)
+    pids = {n: (main_pid(n, "redis-server"), main_pid(n, "redis-sentinel")) for n in MEMBERS}
+    begun = time.monotonic()
+    run = run_playbook("cache_ha.yml")
+    assert run.returncode == 0, run.stdout[-3000:]
+    record(redis_cache_ha_rerun_seconds=round(time.monotonic() - begun, 1))
+    recap = re.findall(r"^(gm-mol-ha-\d)\s*:\s*ok=\d+\s+changed=(\d+)", run.stdout, re.MULTILINE)
+    assert sorted(recap) == sorted((n, "0") for n in MEMBERS), run.stdout[-3000:]
+    assert agreed_master() == master
+    assert {n: (main_pid(n, "redis-server"), main_pid(n, "redis-sentinel")) for n in MEMBERS} == pids
+    assert all(info(n).get("master_host") == address(master) for n in MEMBERS if n != master)
