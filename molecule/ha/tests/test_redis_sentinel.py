@@ -126,7 +126,8 @@ def test_one_master_two_replicas_three_sentinels_with_a_quorum() -> None:
         assert state["quorum"] == "2" and state["down-after-milliseconds"] == "2000", state
         assert sentinel(name, "SENTINEL", "CKQUORUM", MASTER_NAME).startswith("OK 3 usable Sentinels"), name
     # The role's redis.conf names no master: the topology is Sentinel's (runtime and its own file).
-    assert "replicaof" not in member(replicas[0]).check_output("cat /etc/redis/redis.conf")
+    conf = member(replicas[0]).check_output("cat /etc/redis/redis.conf")
+    assert not [line for line in conf.splitlines() if line.startswith(("replicaof", "slaveof"))], conf
 
 
 def test_replication_and_sentinel_users_have_least_privilege_and_the_app_user_is_unchanged() -> None:
