@@ -41,6 +41,7 @@ EXCHANGE_TZ = ZoneInfo("America/New_York")
 REQUIRED_PLAYBOOKS = {
     "site.yml",
     "playbooks/rollout.yml",
+    "playbooks/rollout_approve.yml",
     "playbooks/rollback.yml",
     "playbooks/switch_back.yml",
     "playbooks/backup.yml",
@@ -221,6 +222,14 @@ def _change_freeze() -> dict[str, Any]:
     return {"type": "str", "required": True, "choices": yaml.safe_load(choices.group(1))}
 
 
+def _rollout_decision() -> dict[str, Any]:
+    text = _read("playbooks/rollout_approve.yml")
+    choices = re.search(r"\(rollout_decision \| default\(''\) \| string \| lower\) in (\[[^\]]*\])", text)
+    assert choices, "rollout_approve.yml no longer checks rollout_decision against its choices"
+    assert "#   rollout_decision (str):" in text
+    return {"type": "str", "required": True, "choices": yaml.safe_load(choices.group(1))}
+
+
 def _flag(playbook: str, variable: str) -> Callable[[], dict[str, Any]]:
     """An optional true/false the playbook reads with `| bool` (a survey sends the text true or false)."""
     def spec() -> dict[str, Any]:
@@ -252,6 +261,7 @@ EXTRA_VAR_SPECS: dict[str, Callable[[], dict[str, Any]]] = {
     "pre_market_expected_version": lambda: {"type": "str"},
     "emergency_stop_reason": _cut_text("playbooks/runbooks/emergency_stop.yml", "emergency_stop_reason"),
     "change_freeze": _change_freeze,
+    "rollout_decision": _rollout_decision,
     "change_freeze_reason": _cut_text("playbooks/runbooks/change_freeze.yml", "change_freeze_reason"),
     "security_incident_reason": _cut_text("playbooks/runbooks/security_incident.yml", "security_incident_reason"),
     "isolate_host": lambda: {"type": "str"},
@@ -489,9 +499,37 @@ def test_release_workflow_approves_before_rollout_and_before_rollback() -> None:
     assert parents[approval] == [(rollout[0], "failure")], "the rollback must follow a failed rollout"
 
 
+def test_the_release_workflow_holds_before_100_percent_then_promotes_or_aborts(rendered: dict[str, Any]) -> None:
+    """The rollout node holds the release (rollout_approval=stop); its success awaits an approval whose approve
+    runs the approval playbook with promote and whose deny (or timeout) runs it with abort. Each node's extra_data
+    is an answer its template's survey accepts, and the rendered payload carries it."""
+    workflow = WORKFLOWS["GrandModel release"]
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    (rollout,) = (n for n in nodes.values() if "template" in n
+                  and TEMPLATES[n["template"]]["playbook"] == "playbooks/rollout.yml")
+    assert rollout["extra_data"] == {"rollout_approval": "stop"}
+    (held,) = rollout["success"]
+    assert "approval" in nodes[held]
+    decisions = {}
+    for link in ("success", "failure"):
+        (child,) = nodes[held][link]
+        assert TEMPLATES[nodes[child]["template"]]["playbook"] == "playbooks/rollout_approve.yml"
+        decisions[link] = nodes[child]["extra_data"]["rollout_decision"]
+    assert decisions == {"success": "promote", "failure": "abort"}
+    for node in nodes.values():
+        survey = {q["variable"]: q for q in TEMPLATES.get(node.get("template", ""), {}).get("survey", [])}
+        for variable, value in node.get("extra_data", {}).items():
+            assert variable in survey, f"{node['id']}: {variable} is not a survey variable of {node['template']}"
+            assert value in survey[variable].get("choices", [value]), f"{node['id']}: {variable}={value!r}"
+    rendered_nodes = {n["identifier"]: n for n in rendered["workflow_nodes"]["GrandModel release"]}
+    assert {i: n["extra_data"] for i, n in rendered_nodes.items() if n["extra_data"]} == {
+        i: n["extra_data"] for i, n in nodes.items() if n.get("extra_data")}
+
+
 def test_only_release_managers_launch_a_rollout() -> None:
     for name, template in TEMPLATES.items():
-        if template["playbook"] in {"playbooks/rollout.yml", "site.yml", "playbooks/k8s.yml"}:
+        if template["playbook"] in {"playbooks/rollout.yml", "playbooks/rollout_approve.yml", "site.yml",
+                                    "playbooks/k8s.yml"}:
             assert template["execute"] == ["release-managers"], name
     for name, workflow in WORKFLOWS.items():
         if any(

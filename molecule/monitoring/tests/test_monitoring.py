@@ -337,7 +337,7 @@ def test_deployed_rules_and_config_are_valid_and_loaded(host):
     groups = api(host, "https://127.0.0.1:9090/api/v1/rules")["data"]["groups"]
     names = {r["name"] for g in groups for r in g["rules"]}
     for alert in ("TargetDown", "GrandModelLiveColorDown", "GrandModelHighLatency", "GrandModelHighErrorRate",
-                  "GrandModelNotReady",
+                  "GrandModelNotReady", "GrandModelReleaseAwaitingApproval",
                   "GrandModelVersionMismatch", "HostMemoryPressure", "HostCpuPressure", "HostDiskFillingUp",
                   "HostClockSkew", "PostgresDown", "RedisDown", "GrandModelRiskLimitBreach",
                   "GrandModelDrawdownHigh", "grandmodel:request_duration_seconds:p95_5m",

@@ -1,0 +1,251 @@
+"""Approval before 100% (issue 14 item 4) through the scenario's real nginx front door, under load.
+
+converge left release 2026.11.0 live on blue. An independent client on this machine (scripts/frontdoor_load.py)
+sends steady predictions to the front door on 127.0.0.1:28080 and logs every answer's time, status and serving
+colour; a watcher reads the load balancer's upstream file every 50 ms (test_weighted_walk.py's); a webhook receiver
+on this machine keeps every release notification; the load balancer's textfile (grandmodel_rollout.prom) is read
+from this machine through /proc and parsed with prometheus_client. Never the playbook's word.
+
+1. release 2026.11.1 walks [10, 50, 100] with rollout_approval=stop: it ends successfully held at 50/50, the
+   client's answers while it is held split about evenly, the state metric says awaiting_approval (weight 50,
+   step 2 of 3), a new release is refused meanwhile; rollout_approve.yml -e rollout_decision=promote then switches
+   to 100% green with the post-promotion gate: 0 failed requests over the whole release, record success with the
+   approval, webhooks for every step, the hold, the decision and the outcome;
+2. release 2026.11.0 to blue is held the same way at 50/50; under a change freeze a promotion is refused and an
+   abort is not: every load balancer serves green (100%, the old colour) again with 0 failed requests, state
+   aborted. The scenario's next files expect blue live and green stopped: the test puts them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(PROJECT / "scripts"))
+
+from frontdoor_load import LoadGenerator, Report  # noqa: E402
+
+# The scenario's hosts, files and helpers, as test_rollout.py and test_weighted_walk.py define them.
+from test_rollout import APP, LB, front_color, lb_file, playbook, records  # noqa: E402
+from test_weighted_walk import UpstreamWatcher, lb_upstream, per_split, share, split_of  # noqa: E402
+
+STATE_METRICS = "/var/lib/prometheus/node-exporter/grandmodel_rollout.prom"
+FREEZE = "/etc/grandmodel/change-freeze.json"
+RATE = 50.0
+HOLD = {"rollout_weight_steps": [10, 50, 100], "rollout_approval": "stop"}
+HELD_SECONDS = 5.0  # the client keeps sending while the release is held, no playbook running
+RESULTS: dict[str, dict[str, Any]] = {}
+
+testinfra_hosts = [f"ansible://{APP}"]
+
+
+class Receiver(ThreadingHTTPServer):
+    """A webhook receiver on this machine's loopback (the controller sends the notifications)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                bodies.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0")))))
+                self.send_response(204)
+                self.end_headers()
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+    def events(self) -> list[tuple[str, Any]]:
+        out = []
+        for body in self.bodies:
+            step = body["record"].get("step")
+            out.append((body["event"], (step["weight"], step["verdict"]) if step else None))
+        return out
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def state_metrics() -> dict[str, Any]:
+    """The release state the load balancer exports: the current state, weight, step, steps and labels."""
+    families = {f.name: f for f in text_string_to_metric_families(lb_file(STATE_METRICS).read_text())}
+    states = {s.labels["state"] for s in families["grandmodel_rollout_state"].samples if s.value == 1}
+    (sample,) = families["grandmodel_rollout_step_weight_percent"].samples
+    return {"states": sorted(states), "weight": sample.value, "labels": sample.labels,
+            "index": families["grandmodel_rollout_step_index"].samples[0].value,
+            "steps": families["grandmodel_rollout_steps"].samples[0].value,
+            "changed": families["grandmodel_rollout_last_change_timestamp_seconds"].samples[0].value}
+
+
+def weights_of(split: str) -> dict[str, int]:
+    return {c: int(w) for c, w in (item.split("=") for item in split.split() if "=" in item)}
+
+
+def held_then(release: str, then: list[tuple[str, list[str]]], hooks: Receiver,
+              ) -> tuple[list[subprocess.CompletedProcess[str]], dict[str, Any], Report, UpstreamWatcher, float]:
+    """Under one steady load: release `release` held for an approval, keep serving HELD_SECONDS, read the state,
+    then run each (playbook, args) of `then` in order."""
+    watcher = UpstreamWatcher()
+    gen = LoadGenerator(port=28080, rate=RATE, workers=8, seconds=900, max_requests=200_000)
+    watcher.start()
+    gen.start()
+    time.sleep(2.0)
+    started = time.monotonic()
+    runs: list[subprocess.CompletedProcess[str]] = []
+    held: dict[str, Any] = {}
+    try:
+        runs.append(playbook("rollout.yml", "-e", f"release_version={release}", "-e",
+                             json.dumps(HOLD | {"rollout_notify_webhooks": [hooks.url]})))
+        if runs[0].returncode == 0:
+            time.sleep(HELD_SECONDS)
+            held = {"split": split_of(lb_upstream()), "metrics": state_metrics(), "front": front_color()}
+            for name, args in then:
+                runs.append(playbook(name, "-e", json.dumps({"rollout_notify_webhooks": [hooks.url]}), *args))
+    finally:
+        elapsed = time.monotonic() - started
+        time.sleep(2.0)
+        report = gen.stop()
+        watcher.stop.set()
+        watcher.join(timeout=5)
+    return runs, held, report, watcher, elapsed
+
+
+def figures(case: str, report: Report, watcher: UpstreamWatcher, elapsed: float, runs: list[Any]) -> dict[str, Any]:
+    RESULTS[case] = {"seconds": round(elapsed, 1), "requests": report.total, "failed": len(report.failed),
+                     "first_failures": [{"status": r.status, "error": r.error} for r in report.failed[:5]],
+                     "returncodes": [r.returncode for r in runs], "splits": per_split(report, watcher)}
+    return RESULTS[case]
+
+
+def test_a_release_held_before_100_percent_then_promoted_serves_every_request(host, receiver):
+    assert front_color() == "blue"
+    before = len(records(host))
+    runs, held, report, watcher, elapsed = held_then("2026.11.1", [
+        ("rollout.yml", ["-e", "release_version=2026.11.2"]),  # refused: a release awaits approval
+        ("rollout_approve.yml", ["-e", "rollout_decision=promote"]),
+    ], receiver)
+    case = figures("held_then_promoted", report, watcher, elapsed, runs)
+    assert runs[0].returncode == 0 and len(runs) == 3, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
+    hold, refused, promote = runs
+    said = " ".join(hold.stdout.split())
+    assert "release 2026.11.1 awaits approval: every load balancer keeps 50% of the requests on green" in said, \
+        said[-3000:]
+    assert "rollout_approve.yml" in said and "rollout_decision=promote" in said
+    # Held: the upstream stayed at 50/50 with no playbook running, and the state metric says so.
+    assert weights_of(held["split"]) == {"blue": 50, "green": 50}, held
+    metrics = held["metrics"]
+    assert metrics["states"] == ["awaiting_approval"], metrics
+    assert (metrics["weight"], metrics["index"], metrics["steps"]) == (50, 2, 3), metrics
+    assert metrics["labels"] == {"kind": "rollout", "from_color": "blue", "to_color": "green",
+                                 "from_version": "2026.11.0", "to_version": "2026.11.1"}, metrics
+    # A new release is refused while this one awaits approval, and changes nothing.
+    assert refused.returncode != 0, refused.stdout[-2000:]
+    assert "release 2026.11.1 awaits approval on gm-mol-rollout-lb" in " ".join(refused.stdout.split())
+    # The client's answers while held at 50/50 (the hold, the refused release): about half from green.
+    fifty = [s for s in case["splits"] if weights_of(s["split"]) == {"blue": 50, "green": 50}]
+    assert len(fifty) == 1 and sum(fifty[0]["answers"].values()) >= RATE * HELD_SECONDS, case["splits"]
+    assert abs(share(fifty[0], "green") - 50) <= 8, fifty
+    # Promoted: 100% green with blue as backup, every request of the whole release answered.
+    assert promote.returncode == 0, promote.stdout[-4000:]
+    assert front_color() == "green"
+    assert split_of(lb_upstream()) == "green=100 +backup blue"
+    assert report.failed == [], case
+    splits = [s["split"] for s in case["splits"]]
+    start = splits.index("blue=100")
+    assert [weights_of(s) for s in splits[start:]] == [{"blue": 100}, {"blue": 90, "green": 10},
+                                                        {"blue": 50, "green": 50}, {"green": 100}], splits
+    after = state_metrics()
+    assert (after["states"], after["weight"], after["index"]) == (["promoted"], 100, 3), after
+    assert after["changed"] > metrics["changed"]
+    new = records(host)[before:]
+    assert [r["outcome"] for r in new] == ["awaiting_approval", "success"], new
+    assert new[0]["id"] == new[1]["id"]
+    assert [int(s["weight"]) for s in new[1]["evidence"]["steps"]] == [10, 50]
+    assert new[1]["evidence"]["post_promotion"]["verdict"] == "passed"
+    assert new[1]["evidence"]["approval"]["decision"] == "promote"
+    assert new[1]["evidence"]["approval"]["waited_seconds"] >= HELD_SECONDS
+    assert receiver.events() == [("release_started", None), ("release_step", (10, "passed")),
+                                 ("release_step", (50, "passed")), ("release_awaiting_approval", None),
+                                 ("release_approved", None), ("release_success", None)], receiver.events()
+
+
+def test_a_held_release_is_aborted_during_a_freeze_a_promotion_is_not(host, receiver):
+    assert front_color() == "green"
+    before = len(records(host))
+    freeze = ["-e", json.dumps({"change_freeze": "on", "change_freeze_reason": "trading session"})]
+    try:
+        runs, held, report, watcher, elapsed = held_then("2026.11.0", [
+            ("runbooks/change_freeze.yml", freeze),  # the pre-market runbook's freeze
+            ("rollout_approve.yml", ["-e", "rollout_decision=promote"]),  # refused: frozen
+            ("rollout_approve.yml", ["-e", "rollout_decision=abort"]),  # never blocked by a freeze
+        ], receiver)
+    finally:
+        subprocess.run(["podman", "exec", LB, "rm", "-f", FREEZE], check=False)
+    case = figures("held_then_aborted", report, watcher, elapsed, runs)
+    assert runs[0].returncode == 0 and len(runs) == 4, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
+    _hold, freeze_on, promote, abort = runs
+    assert weights_of(held["split"]) == {"blue": 50, "green": 50} and held["metrics"]["states"] == ["awaiting_approval"]
+    assert freeze_on.returncode == 0, freeze_on.stdout[-2000:]
+    assert promote.returncode != 0, promote.stdout[-3000:]
+    assert "a change freeze is set on gm-mol-rollout-lb" in " ".join(promote.stdout.split()), promote.stdout[-3000:]
+    assert abort.returncode == 0, abort.stdout[-4000:]
+    assert "aborted at its approval; every load balancer serves green" in " ".join(abort.stdout.split())
+    # 100% of the old colour, no weights, no backup, and not one failed request over the whole release.
+    assert split_of(lb_upstream()) == "green=100" and front_color() == "green"
+    assert report.failed == [], case
+    assert case["splits"][-1]["split"] == "green=100" and share(case["splits"][-1], "green") == 100.0, case["splits"]
+    after = state_metrics()
+    assert (after["states"], after["weight"], after["labels"]["to_version"]) == (["aborted"], 0, "2026.11.0"), after
+    new = records(host)[before:]
+    assert [r["outcome"] for r in new] == ["awaiting_approval", "aborted_approval"], new
+    assert new[1]["evidence"]["approval"]["decision"] == "abort"
+    events = receiver.events()
+    assert events[-3:] == [("release_awaiting_approval", None), ("release_rejected", None),
+                           ("release_aborted_approval", None)], events
+
+
+@pytest.fixture(scope="module", autouse=True)
+def back_to_blue() -> Iterator[None]:
+    """The scenario's next files start from converge's state: blue live with 2026.11.0, green stopped."""
+    yield
+    with contextlib.suppress(Exception):
+        subprocess.run(["podman", "exec", LB, "rm", "-f", FREEZE], check=False)
+        if front_color() != "blue":
+            proc = playbook("switch_back.yml", "-e", "rollback_to=blue")
+            RESULTS["back_to_blue"] = {"returncode": proc.returncode}
+        subprocess.run(["podman", "exec", APP, "systemctl", "disable", "--now", "grandmodel-model@green"], check=False)
+    out = PROJECT / "reports" / "rollout-approval.json"
+    with contextlib.suppress(OSError):
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(RESULTS, indent=2) + "\n")
+    print("\napproval before 100% (case: failed/total, seconds; answers per split):")
+    for name, case in RESULTS.items():
+        if "splits" in case:
+            print(f"  {name}: {case['failed']}/{case['requests']}, {case['seconds']} s, runs {case['returncodes']}")
+            for step in case["splits"]:
+                print(f"    {step['split']}: {step['answers']} over {step['seconds']} s")
