@@ -11,6 +11,7 @@ SELECT md5(concat_ws('/', r ->> 'id', r ->> 'host', r ->> 'kind', r ->> 'finishe
        (r ->> 'started')::timestamptz,
        (r ->> 'finished')::timestamptz,
        CASE WHEN r ->> 'outcome' = 'success' THEN 'promoted'
+            WHEN r ->> 'outcome' = 'awaiting_approval' THEN 'in_progress'
             WHEN r ->> 'outcome' LIKE 'aborted%%' THEN 'aborted'
             WHEN r ->> 'outcome' LIKE 'rolled_back%%' THEN 'rolled_back'
             ELSE 'failed' END,
