@@ -1,6 +1,7 @@
 """Approval before 100% (issue 14 item 4) through the scenario's real nginx front door, under load.
 
-converge left release 2026.11.0 live on blue. An independent client on this machine (scripts/frontdoor_load.py)
+converge left release 2026.11.0 live on blue (the colours and releases below are those of that start; the test
+reads what is live and works from there). An independent client on this machine (scripts/frontdoor_load.py)
 sends steady predictions to the front door on 127.0.0.1:28080 and logs every answer's time, status and serving
 colour; a watcher reads the load balancer's upstream file every 50 ms (test_weighted_walk.py's); a webhook receiver
 on this machine keeps every release notification; the load balancer's textfile (grandmodel_rollout.prom) is read
@@ -39,7 +40,7 @@ sys.path.insert(0, str(PROJECT / "scripts"))
 from frontdoor_load import LoadGenerator, Report  # noqa: E402
 
 # The scenario's hosts, files and helpers, as test_rollout.py and test_weighted_walk.py define them.
-from test_rollout import APP, LB, front_color, lb_file, playbook, records  # noqa: E402
+from test_rollout import APP, LB, front_color, front_version, lb_file, playbook, records  # noqa: E402
 from test_weighted_walk import UpstreamWatcher, lb_upstream, per_split, share, split_of  # noqa: E402
 
 STATE_METRICS = "/var/lib/prometheus/node-exporter/grandmodel_rollout.prom"
@@ -48,6 +49,8 @@ RATE = 50.0
 HOLD = {"rollout_weight_steps": [10, 50, 100], "rollout_approval": "stop"}
 HELD_SECONDS = 5.0  # the client keeps sending while the release is held, no playbook running
 RESULTS: dict[str, dict[str, Any]] = {}
+RELEASES = ["2026.11.0", "2026.11.1", "2026.11.2"]  # the scenario's releases (prepare.yml)
+START: dict[str, str] = {}  # the colour and release live when this file starts (converge: blue, 2026.11.0)
 
 testinfra_hosts = [f"ansible://{APP}"]
 
@@ -143,63 +146,72 @@ def figures(case: str, report: Report, watcher: UpstreamWatcher, elapsed: float,
 
 
 def test_a_release_held_before_100_percent_then_promoted_serves_every_request(host, receiver):
-    assert front_color() == "blue"
+    live = front_version()
+    old, old_release = live["color"], live["models"]["strategic"]["version"]
+    new = "green" if old == "blue" else "blue"
+    release = next(r for r in RELEASES if r != old_release)
+    other = next(r for r in RELEASES if r not in (old_release, release))
+    START.update(old=old, new=new, old_release=old_release, release=release,
+                 new_was_active=host.run(f"systemctl is-active grandmodel-model@{new}").stdout.strip())
     before = len(records(host))
-    runs, held, report, watcher, elapsed = held_then("2026.11.1", [
-        ("rollout.yml", ["-e", "release_version=2026.11.2"]),  # refused: a release awaits approval
+    runs, held, report, watcher, elapsed = held_then(release, [
+        ("rollout.yml", ["-e", f"release_version={other}"]),  # refused: a release awaits approval
         ("rollout_approve.yml", ["-e", "rollout_decision=promote"]),
     ], receiver)
     case = figures("held_then_promoted", report, watcher, elapsed, runs)
     assert runs[0].returncode == 0 and len(runs) == 3, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
     hold, refused, promote = runs
     said = " ".join(hold.stdout.split())
-    assert "release 2026.11.1 awaits approval: every load balancer keeps 50% of the requests on green" in said, \
+    assert f"release {release} awaits approval: every load balancer keeps 50% of the requests on {new}" in said, \
         said[-3000:]
     assert "rollout_approve.yml" in said and "rollout_decision=promote" in said
     # Held: the upstream stayed at 50/50 with no playbook running, and the state metric says so.
-    assert weights_of(held["split"]) == {"blue": 50, "green": 50}, held
+    assert weights_of(held["split"]) == {old: 50, new: 50}, held
     metrics = held["metrics"]
     assert metrics["states"] == ["awaiting_approval"], metrics
     assert (metrics["weight"], metrics["index"], metrics["steps"]) == (50, 2, 3), metrics
-    assert metrics["labels"] == {"kind": "rollout", "from_color": "blue", "to_color": "green",
-                                 "from_version": "2026.11.0", "to_version": "2026.11.1"}, metrics
+    assert metrics["labels"] == {"kind": "rollout", "from_color": old, "to_color": new,
+                                 "from_version": old_release, "to_version": release}, metrics
     # A new release is refused while this one awaits approval, and changes nothing.
     assert refused.returncode != 0, refused.stdout[-2000:]
-    assert "release 2026.11.1 awaits approval on gm-mol-rollout-lb" in " ".join(refused.stdout.split())
+    assert f"release {release} awaits approval on {LB}" in " ".join(refused.stdout.split()), refused.stdout[-2000:]
     # The client's answers while held at 50/50 (the hold, the refused release): about half from green.
-    fifty = [s for s in case["splits"] if weights_of(s["split"]) == {"blue": 50, "green": 50}]
+    fifty = [s for s in case["splits"] if weights_of(s["split"]) == {old: 50, new: 50}]
     assert len(fifty) == 1 and sum(fifty[0]["answers"].values()) >= RATE * HELD_SECONDS, case["splits"]
-    assert abs(share(fifty[0], "green") - 50) <= 8, fifty
+    assert abs(share(fifty[0], new) - 50) <= 8, fifty
     # Promoted: 100% green with blue as backup, every request of the whole release answered.
     assert promote.returncode == 0, promote.stdout[-4000:]
-    assert front_color() == "green"
-    assert split_of(lb_upstream()) == "green=100 +backup blue"
+    assert front_color() == new
+    assert split_of(lb_upstream()) == f"{new}=100 +backup {old}"
     assert report.failed == [], case
     splits = [s["split"] for s in case["splits"]]
-    start = splits.index("blue=100")
-    assert [weights_of(s) for s in splits[start:]] == [{"blue": 100}, {"blue": 90, "green": 10},
-                                                        {"blue": 50, "green": 50}, {"green": 100}], splits
+    start = splits.index(f"{old}=100")
+    assert [weights_of(s) for s in splits[start:]] == [{old: 100}, {old: 90, new: 10}, {old: 50, new: 50},
+                                                        {new: 100}], splits
     after = state_metrics()
     assert (after["states"], after["weight"], after["index"]) == (["promoted"], 100, 3), after
     assert after["changed"] > metrics["changed"]
-    new = records(host)[before:]
-    assert [r["outcome"] for r in new] == ["awaiting_approval", "success"], new
-    assert new[0]["id"] == new[1]["id"]
-    assert [int(s["weight"]) for s in new[1]["evidence"]["steps"]] == [10, 50]
-    assert new[1]["evidence"]["post_promotion"]["verdict"] == "passed"
-    assert new[1]["evidence"]["approval"]["decision"] == "promote"
-    assert new[1]["evidence"]["approval"]["waited_seconds"] >= HELD_SECONDS
+    written = records(host)[before:]
+    assert [r["outcome"] for r in written] == ["awaiting_approval", "success"], written
+    assert written[0]["id"] == written[1]["id"]
+    assert [int(s["weight"]) for s in written[1]["evidence"]["steps"]] == [10, 50]
+    assert written[1]["evidence"]["post_promotion"]["verdict"] == "passed"
+    assert written[1]["evidence"]["approval"]["decision"] == "promote"
+    assert written[1]["evidence"]["approval"]["waited_seconds"] >= HELD_SECONDS
     assert receiver.events() == [("release_started", None), ("release_step", (10, "passed")),
                                  ("release_step", (50, "passed")), ("release_awaiting_approval", None),
                                  ("release_approved", None), ("release_success", None)], receiver.events()
 
 
 def test_a_held_release_is_aborted_during_a_freeze_a_promotion_is_not(host, receiver):
-    assert front_color() == "green"
+    """The release live before the first test goes back to its colour, held, then aborted: the first test's
+    release keeps serving."""
+    old, new, release = START["new"], START["old"], START["old_release"]
+    assert front_color() == old
     before = len(records(host))
     freeze = ["-e", json.dumps({"change_freeze": "on", "change_freeze_reason": "trading session"})]
     try:
-        runs, held, report, watcher, elapsed = held_then("2026.11.0", [
+        runs, held, report, watcher, elapsed = held_then(release, [
             ("runbooks/change_freeze.yml", freeze),  # the pre-market runbook's freeze
             ("rollout_approve.yml", ["-e", "rollout_decision=promote"]),  # refused: frozen
             ("rollout_approve.yml", ["-e", "rollout_decision=abort"]),  # never blocked by a freeze
@@ -209,21 +221,21 @@ def test_a_held_release_is_aborted_during_a_freeze_a_promotion_is_not(host, rece
     case = figures("held_then_aborted", report, watcher, elapsed, runs)
     assert runs[0].returncode == 0 and len(runs) == 4, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
     _hold, freeze_on, promote, abort = runs
-    assert weights_of(held["split"]) == {"blue": 50, "green": 50} and held["metrics"]["states"] == ["awaiting_approval"]
+    assert weights_of(held["split"]) == {old: 50, new: 50} and held["metrics"]["states"] == ["awaiting_approval"]
     assert freeze_on.returncode == 0, freeze_on.stdout[-2000:]
     assert promote.returncode != 0, promote.stdout[-3000:]
-    assert "a change freeze is set on gm-mol-rollout-lb" in " ".join(promote.stdout.split()), promote.stdout[-3000:]
+    assert f"a change freeze is set on {LB}" in " ".join(promote.stdout.split()), promote.stdout[-3000:]
     assert abort.returncode == 0, abort.stdout[-4000:]
-    assert "aborted at its approval; every load balancer serves green" in " ".join(abort.stdout.split())
+    assert f"aborted at its approval; every load balancer serves {old}" in " ".join(abort.stdout.split())
     # 100% of the old colour, no weights, no backup, and not one failed request over the whole release.
-    assert split_of(lb_upstream()) == "green=100" and front_color() == "green"
+    assert split_of(lb_upstream()) == f"{old}=100" and front_color() == old
     assert report.failed == [], case
-    assert case["splits"][-1]["split"] == "green=100" and share(case["splits"][-1], "green") == 100.0, case["splits"]
+    assert case["splits"][-1]["split"] == f"{old}=100" and share(case["splits"][-1], old) == 100.0, case["splits"]
     after = state_metrics()
-    assert (after["states"], after["weight"], after["labels"]["to_version"]) == (["aborted"], 0, "2026.11.0"), after
-    new = records(host)[before:]
-    assert [r["outcome"] for r in new] == ["awaiting_approval", "aborted_approval"], new
-    assert new[1]["evidence"]["approval"]["decision"] == "abort"
+    assert (after["states"], after["weight"], after["labels"]["to_version"]) == (["aborted"], 0, release), after
+    written = records(host)[before:]
+    assert [r["outcome"] for r in written] == ["awaiting_approval", "aborted_approval"], written
+    assert written[1]["evidence"]["approval"]["decision"] == "abort"
     events = receiver.events()
     assert events[-3:] == [("release_awaiting_approval", None), ("release_rejected", None),
                            ("release_aborted_approval", None)], events
@@ -231,14 +243,17 @@ def test_a_held_release_is_aborted_during_a_freeze_a_promotion_is_not(host, rece
 
 @pytest.fixture(scope="module", autouse=True)
 def back_to_blue() -> Iterator[None]:
-    """The scenario's next files start from converge's state: blue live with 2026.11.0, green stopped."""
+    """The scenario's next files start from the state this one found (converge's: blue live with 2026.11.0, green
+    stopped): the first colour serves again, the other one is stopped unless it was running."""
     yield
     with contextlib.suppress(Exception):
         subprocess.run(["podman", "exec", LB, "rm", "-f", FREEZE], check=False)
-        if front_color() != "blue":
-            proc = playbook("switch_back.yml", "-e", "rollback_to=blue")
-            RESULTS["back_to_blue"] = {"returncode": proc.returncode}
-        subprocess.run(["podman", "exec", APP, "systemctl", "disable", "--now", "grandmodel-model@green"], check=False)
+        if START and front_color() != START["old"]:
+            proc = playbook("switch_back.yml", "-e", f"rollback_to={START['old']}")
+            RESULTS["back_to_start"] = {"returncode": proc.returncode, "colour": front_color()}
+        if START and START["new_was_active"] != "active":
+            subprocess.run(["podman", "exec", APP, "systemctl", "disable", "--now",
+                            f"grandmodel-model@{START['new']}"], check=False)
     out = PROJECT / "reports" / "rollout-approval.json"
     with contextlib.suppress(OSError):
         out.parent.mkdir(exist_ok=True)
