@@ -40,9 +40,10 @@ STEPS = [{"index": 1, "of": 4, "weight": 10, "weights": {"blue": 90, "green": 10
           "gate": {"localhost": {"verdict": "passed"}}, "prometheus": {}}]
 
 
-def run_play(tmp_path: Path, tasks: list[dict[str, Any]], *extra: str) -> subprocess.CompletedProcess[str]:
+def run_play(tmp_path: Path, tasks: list[dict[str, Any]], *extra: str,
+             groups: str = "[lb]\nlocalhost\n[app]\nlocalhost\n") -> subprocess.CompletedProcess[str]:
     inventory = tmp_path / "hosts.ini"
-    inventory.write_text(f"[lb]\nlocalhost\n[app]\nlocalhost\n[all:vars]\nansible_connection=local\n"
+    inventory.write_text(f"localhost\n{groups}[all:vars]\nansible_connection=local\n"
                          f"ansible_python_interpreter={sys.executable}\n")
     play = [{"name": "Drive the rollout role's task files", "hosts": "localhost", "gather_facts": False,
              "tasks": tasks}]
@@ -133,6 +134,14 @@ def test_each_state_is_written_as_json_and_as_one_hot_gauges(tmp_path: Path) -> 
                                role_tasks("state.yml", __rollout_state_name="rolled_back")], *files(rollback))
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert json.loads((rollback / "state" / "state.json").read_text())["weight"] == 100
+    # Where there is no load balancer group (the data scenario records a release on a db host), nothing is kept
+    # and nothing fails.
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    proc = run_play(nowhere, [controller_facts(rollout_plan=PLAN),
+                              role_tasks("state.yml", __rollout_state_name="promoted")], *files(nowhere), groups="")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert not (nowhere / "state").exists() and not (nowhere / "grandmodel_rollout.prom").exists()
 
 
 class Receiver(ThreadingHTTPServer):
