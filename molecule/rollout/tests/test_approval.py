@@ -105,6 +105,11 @@ def state_metrics() -> dict[str, Any]:
             "changed": families["grandmodel_rollout_last_change_timestamp_seconds"].samples[0].value}
 
 
+def said_by(proc: subprocess.CompletedProcess[str]) -> str:
+    """What a playbook said, on one line: its report (stdout) and its failures (stderr, with ansible-core 2.19)."""
+    return " ".join((proc.stdout + proc.stderr).split())
+
+
 def weights_of(split: str) -> dict[str, int]:
     return {c: int(w) for c, w in (item.split("=") for item in split.split() if "=" in item)}
 
@@ -161,7 +166,7 @@ def test_a_release_held_before_100_percent_then_promoted_serves_every_request(ho
     case = figures("held_then_promoted", report, watcher, elapsed, runs)
     assert runs[0].returncode == 0 and len(runs) == 3, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
     hold, refused, promote = runs
-    said = " ".join(hold.stdout.split())
+    said = said_by(hold)
     assert f"release {release} awaits approval: every load balancer keeps 50% of the requests on {new}" in said, \
         said[-3000:]
     assert "rollout_approve.yml" in said and "rollout_decision=promote" in said
@@ -173,8 +178,8 @@ def test_a_release_held_before_100_percent_then_promoted_serves_every_request(ho
     assert metrics["labels"] == {"kind": "rollout", "from_color": old, "to_color": new,
                                  "from_version": old_release, "to_version": release}, metrics
     # A new release is refused while this one awaits approval, and changes nothing.
-    assert refused.returncode != 0, refused.stdout[-2000:]
-    assert f"release {release} awaits approval on {LB}" in " ".join(refused.stdout.split()), refused.stdout[-2000:]
+    assert refused.returncode != 0, refused.stderr[-2000:]
+    assert f"release {release} awaits approval on {LB}" in said_by(refused), refused.stderr[-2000:]
     # The client's answers while held at 50/50 (the hold, the refused release): about half from green.
     fifty = [s for s in case["splits"] if weights_of(s["split"]) == {old: 50, new: 50}]
     assert len(fifty) == 1 and sum(fifty[0]["answers"].values()) >= RATE * HELD_SECONDS, case["splits"]
@@ -223,10 +228,10 @@ def test_a_held_release_is_aborted_during_a_freeze_a_promotion_is_not(host, rece
     _hold, freeze_on, promote, abort = runs
     assert weights_of(held["split"]) == {old: 50, new: 50} and held["metrics"]["states"] == ["awaiting_approval"]
     assert freeze_on.returncode == 0, freeze_on.stdout[-2000:]
-    assert promote.returncode != 0, promote.stdout[-3000:]
-    assert f"a change freeze is set on {LB}" in " ".join(promote.stdout.split()), promote.stdout[-3000:]
+    assert promote.returncode != 0, promote.stderr[-3000:]
+    assert f"a change freeze is set on {LB}" in said_by(promote), promote.stderr[-3000:]
     assert abort.returncode == 0, abort.stdout[-4000:]
-    assert f"aborted at its approval; every load balancer serves {old}" in " ".join(abort.stdout.split())
+    assert f"aborted at its approval; every load balancer serves {old}" in said_by(abort)
     # 100% of the old colour, no weights, no backup, and not one failed request over the whole release.
     assert split_of(lb_upstream()) == f"{old}=100" and front_color() == old
     assert report.failed == [], case
