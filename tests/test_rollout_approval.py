@@ -14,10 +14,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import COLLECTION, REPO, VENV_BIN
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+from webhook_receiver import WebhookReceiver
 
 ROLE = COLLECTION / "roles" / "rollout"
 DEFAULTS = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
@@ -144,41 +146,13 @@ def test_each_state_is_written_as_json_and_as_one_hot_gauges(tmp_path: Path) -> 
     assert not (nowhere / "state").exists() and not (nowhere / "grandmodel_rollout.prom").exists()
 
 
-class Receiver(ThreadingHTTPServer):
-    """A webhook receiver on the loopback that keeps every JSON body it is sent."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        bodies = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(204)
-                self.end_headers()
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as server:
+        yield server
 
 
-def test_a_step_event_has_the_shape_of_the_release_events(tmp_path: Path, receiver: Receiver) -> None:
+def test_a_step_event_has_the_shape_of_the_release_events(tmp_path: Path, receiver: WebhookReceiver) -> None:
     event = "{{ __rollout_plan | combine({'step': __rollout_step_event}) }}"
     tasks = [controller_facts(rollout_plan=PLAN),
              role_tasks("notify.yml", __rollout_event="release_started", __rollout_event_record="{{ __rollout_plan }}"),

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
+import sys
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,6 +25,10 @@ SCENARIO = Path(__file__).resolve().parents[1]
 EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent"))
 DB_HOST = "gm-mol-data-db"
 RECORD_FILE = "/var/lib/grandmodel-test/deployments.jsonl"
+sys.path.insert(0, str(REPO / "scripts"))
+
+from webhook_receiver import WebhookReceiver  # noqa: E402
+
 RUN = str(int(time.time()))  # ids of this run: a converge kept from an earlier verify has older rows
 
 
@@ -63,43 +66,10 @@ def as_deployer(sql: str) -> subprocess.CompletedProcess[str]:
                  env={"PGPASSWORD": password}, check=False)
 
 
-class Receiver(ThreadingHTTPServer):
-    """A webhook receiver on the controller's loopback that keeps every JSON body it is sent."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        bodies: list[dict[str, Any]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(202)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.bodies = bodies
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def dead_url() -> str:
@@ -108,7 +78,7 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/hook"  # nothing listens there any more: connection refused
 
 
-def test_a_record_reaches_the_table_once_and_every_webhook_hears_of_it(receiver: Receiver) -> None:
+def test_a_record_reaches_the_table_once_and_every_webhook_hears_of_it(receiver: WebhookReceiver) -> None:
     hooks = json.dumps({"rollout_notify_webhooks": [dead_url(), receiver.url]})
     proc, _ = record(f"{RUN}-promoted", "success", "-e", hooks)
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -24,10 +24,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from frontdoor_load import LoadGenerator, Report  # noqa: E402
 # The scenario's hosts, files and helpers, as test_rollout.py and test_weighted_walk.py define them.
 from test_rollout import APP, LB, front_color, front_version, lb_file, playbook, records  # noqa: E402
 from test_weighted_walk import UpstreamWatcher, lb_upstream, per_split, share, split_of  # noqa: E402
+from webhook_receiver import WebhookReceiver  # noqa: E402
 
 STATE_METRICS = "/var/lib/prometheus/node-exporter/grandmodel_rollout.prom"
 FREEZE = "/etc/grandmodel/change-freeze.json"
@@ -55,27 +54,8 @@ START: dict[str, str] = {}  # the colour and release live when this file starts 
 testinfra_hosts = [f"ansible://{APP}"]
 
 
-class Receiver(ThreadingHTTPServer):
-    """A webhook receiver on this machine's loopback (the controller sends the notifications)."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        bodies = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                bodies.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0")))))
-                self.send_response(204)
-                self.end_headers()
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+class Receiver(WebhookReceiver):
+    """The release webhooks this machine heard (the controller sends the notifications), as (event, step) pairs."""
 
     def events(self) -> list[tuple[str, Any]]:
         out = []
@@ -87,11 +67,8 @@ class Receiver(ThreadingHTTPServer):
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with Receiver() as server:
+        yield server
 
 
 def state_metrics() -> dict[str, Any]:

@@ -23,12 +23,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -39,6 +36,7 @@ from frontdoor_load import RELOAD_SETTLE_S, LoadGenerator, Report  # noqa: E402
 
 # The scenario's hosts, files and helpers, as test_rollout.py defines them.
 from test_rollout import APP, LB, UPSTREAM, app, front_version, lb_file, playbook, recap_changes, records  # noqa: E402
+from webhook_receiver import WebhookReceiver  # noqa: E402
 
 OLDER, NEWER = "2026.11.0", "2026.11.2"  # seeds 7 and 9 (prepare.yml)
 FREEZE = "/etc/grandmodel/change-freeze.json"
@@ -55,41 +53,10 @@ def never_leave_a_freeze() -> Iterator[None]:
     subprocess.run(["podman", "exec", LB, "rm", "-f", FREEZE], check=False, timeout=60)
 
 
-class Receiver(ThreadingHTTPServer):
-    """A webhook receiver on the controller's loopback (the rollout notifies from there) keeping every JSON body."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        bodies: list[dict[str, Any]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                bodies.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0")))))
-                self.send_response(202)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.bodies = bodies
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def versioned_load() -> LoadGenerator:
