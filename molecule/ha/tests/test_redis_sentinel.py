@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import MEMBERS, address, longest_gap, member, record, run_playbook, secret, wait_for
+from conftest import MEMBERS, WriteLoad, address, longest_gap, member, record, run_playbook, secret, wait_for
 
 testinfra_hosts = ["podman://gm-mol-ha-1"]
 
@@ -74,19 +74,11 @@ def main_pid(host: str, unit: str) -> str:
 
 
 @dataclass
-class SentinelLoad:
-    """redis_writer.py on one member as a transient systemd unit, as the application user."""
+class SentinelLoad(WriteLoad):
+    """redis_writer.py on one member as a transient systemd unit, as the application user (its log, stop file and
+    stop as the PostgreSQL write load's); each acknowledged line also names the master's port that took it."""
 
-    host: str
     unit: str = "redis-writer-failover"
-
-    @property
-    def log(self) -> str:
-        return f"/root/{self.unit}.log"
-
-    @property
-    def stop_file(self) -> str:
-        return f"/root/{self.unit}.stop"
 
     def start(self, first_id: int) -> None:
         subprocess.run(["podman", "cp", str(WRITER), f"{self.host}:/root/redis_writer.py"], check=True)
@@ -98,15 +90,9 @@ class SentinelLoad:
             f"--user grandmodel_app --key {KEY} --log {self.log} --stop-file {self.stop_file} --seconds 120 "
             f"--first-id {first_id}")
 
-    def acknowledged(self) -> list[tuple[int, float, int]]:
+    def acknowledged(self) -> list[tuple[int, float, int]]:  # type: ignore[override]
         out = member(self.host).run(f"cat {self.log}").stdout
         return [(int(i), float(t), int(r)) for i, t, r in (line.split() for line in out.splitlines() if line.strip())]
-
-    def stop(self) -> list[tuple[int, float, int]]:
-        host = member(self.host)
-        host.check_output(f"touch {self.stop_file}")
-        wait_for(f"{self.unit} to stop", lambda: host.run(f"systemctl is-active {self.unit}").rc != 0, 20)
-        return self.acknowledged()
 
 
 def test_one_master_two_replicas_three_sentinels_with_a_quorum() -> None:
