@@ -9,6 +9,7 @@ client network.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import subprocess
@@ -469,7 +470,14 @@ def test_a_ruleset_that_cuts_off_the_controller_reverts_by_itself(host):
     deadline = time.monotonic() + CONFIRM_TIMEOUT + 60
     while live_table(host) != before and time.monotonic() < deadline:
         time.sleep(1)
-    assert live_table(host) == before, "the previous ruleset was not restored in time"
+    if live_table(host) != before:  # say what the host did (seen twice in full runs, not understood yet)
+        diff = "\n".join(difflib.unified_diff(before.splitlines(), live_table(host).splitlines(), lineterm=""))
+        units = host.run("systemctl status --no-pager grandmodel-firewall-rollback.timer "
+                         "grandmodel-firewall-rollback.service; systemctl list-timers --all --no-pager; "
+                         "journalctl --no-pager -n 40 -u grandmodel-firewall-rollback.service "
+                         "-u grandmodel-firewall-rollback.timer")
+        raise AssertionError(f"the previous ruleset was not restored {CONFIRM_TIMEOUT + 60} s after the run:\n"
+                             f"{diff}\n{units.stdout}{units.stderr}")
     assert probe_from("controller", address, [22]) == {22: "open"}
     assert host.file(CONFIRMED).sha256sum == confirmed
     assert host.run("systemctl is-active grandmodel-firewall-rollback.timer").rc != 0
