@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(PROJECT / "scripts"))
@@ -430,6 +431,12 @@ def ee_playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
 
 
+# The scenario's gate settings (molecule.yml), given to the job as the weight steps are: its defaults would judge
+# latency by production's 250 ms on two shared cores.
+SCENARIO_GATES = {key: value for key, value in yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "molecule.yml").read_text())["provisioner"]["inventory"]["group_vars"]["all"]
+    .items() if key in ("rollout_pre_gate", "rollout_post_gate")}
+
 EE_VERSION = re.search(r"^version:\s*(\S+)", (PROJECT / "ansible_collections/quantnova/grandmodel/galaxy.yml")
                        .read_text(), re.M).group(1)  # type: ignore[union-attr]
 
@@ -443,7 +450,7 @@ def test_a_release_a_switch_back_and_a_runbook_run_inside_the_execution_environm
         # The job gets the scenario's hosts file only (no group_vars), so the release is told to go all at once
         # as the scenario's other releases do; the weighted walk has its own tests (test_weighted_walk.py).
         release = ee_playbook("rollout.yml", "-e", "release_version=2026.11.1", "-e", "rollout_deploy=false",
-                              "-e", '{"rollout_weight_steps": [100]}')
+                              "-e", json.dumps({"rollout_weight_steps": [100], **SCENARIO_GATES}))
         if release.returncode != 0:
             return [release]
         return [release, ee_playbook("switch_back.yml")]
