@@ -28,7 +28,7 @@ TARGET = "gm-mol-common"
 TABLE = "inet grandmodel"
 CONFIRMED = "/etc/nftables.d/grandmodel.nft"
 CANDIDATE = "/var/lib/grandmodel-firewall/candidate.nft"
-CONFIRM_TIMEOUT = 16  # firewall_confirm_timeout in molecule.yml
+CONFIRM_TIMEOUT = 40  # firewall_confirm_timeout in molecule.yml
 
 # The inventory groups of the scenario's hosts (molecule.yml); the controller is in none.
 GROUPS = {
