@@ -214,20 +214,21 @@ def _cut_text(playbook: str, variable: str) -> Callable[[], dict[str, Any]]:
     return spec
 
 
-def _change_freeze() -> dict[str, Any]:
-    text = _read("playbooks/runbooks/change_freeze.yml")
-    choices = re.search(r"\(change_freeze \| default\(''\) \| string \| lower\) in (\[[^\]]*\])", text)
-    assert choices, "change_freeze.yml no longer checks change_freeze against its choices"
-    assert "#   change_freeze (str):" in text
+def _required_choice(playbook: str, variable: str) -> dict[str, Any]:
+    """A required string input that the playbook checks against a literal list of choices."""
+    text = _read(f"playbooks/{playbook}")
+    choices = re.search(rf"\({variable} \| default\(''\) \| string \| lower\) in (\[[^\]]*\])", text)
+    assert choices, f"{playbook} no longer checks {variable} against its choices"
+    assert f"#   {variable} (str):" in text
     return {"type": "str", "required": True, "choices": yaml.safe_load(choices.group(1))}
+
+
+def _change_freeze() -> dict[str, Any]:
+    return _required_choice("runbooks/change_freeze.yml", "change_freeze")
 
 
 def _rollout_decision() -> dict[str, Any]:
-    text = _read("playbooks/rollout_approve.yml")
-    choices = re.search(r"\(rollout_decision \| default\(''\) \| string \| lower\) in (\[[^\]]*\])", text)
-    assert choices, "rollout_approve.yml no longer checks rollout_decision against its choices"
-    assert "#   rollout_decision (str):" in text
-    return {"type": "str", "required": True, "choices": yaml.safe_load(choices.group(1))}
+    return _required_choice("rollout_approve.yml", "rollout_decision")
 
 
 def _flag(playbook: str, variable: str) -> Callable[[], dict[str, Any]]:
