@@ -12,7 +12,7 @@ import json
 
 from pgbackrest_common import DB_HOST, REPO_PATH, STANZA, archiving_state, sql, wait_archived
 
-testinfra_hosts = ["podman://gm-mol-data-db"]
+testinfra_hosts = ["ansible://gm-mol-data-db"]
 
 ARCHIVE_TIMEOUT_S = 5  # postgresql_archive_timeout in molecule.yml
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import testinfra
 
-testinfra_hosts = ["podman://gm-mol-data-db"]
+testinfra_hosts = ["ansible://gm-mol-data-db"]
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent
 REPO = SCENARIO_DIR.parent.parent
@@ -37,7 +37,8 @@ def secret(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def client():
-    return testinfra.get_host("podman://gm-mol-data-client")
+    return testinfra.get_host("ansible://gm-mol-data-client",
+                              ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pgbackrest_common import DB_HOST, STANZA, archiving_state, sql, wait_archived
 
-testinfra_hosts = ["podman://gm-mol-data-db"]
+testinfra_hosts = ["ansible://gm-mol-data-db"]
 
 REPO = Path(__file__).resolve().parent.parent.parent.parent
 PG_PATH = "/var/lib/postgresql/15/main"

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-testinfra_hosts = ["podman://gm-mol-data-db"]
+testinfra_hosts = ["ansible://gm-mol-data-db"]
 
 REPO = Path(__file__).resolve().parents[3]
 EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 # podman exec is several times faster than an Ansible round trip per check.
-testinfra_hosts = ["podman://gm-mol-host_tuning"]
+testinfra_hosts = ["ansible://gm-mol-host_tuning"]
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent
 REPO = SCENARIO_DIR.parent.parent

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 # podman exec is several times faster than an Ansible round trip per check.
-testinfra_hosts = ["podman://gm-mol-platform"]
+testinfra_hosts = ["ansible://gm-mol-platform"]
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent
 
