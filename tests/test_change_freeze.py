@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from .ansible_batch import Batch, run_batch
 from .conftest import COLLECTION, REPO, VENV_BIN
 
 RUNBOOK = REPO / "playbooks" / "runbooks" / "change_freeze.yml"
@@ -35,14 +36,16 @@ GUARD_PLAY = """
 """
 
 
+# USER names who set the freeze. Ansible's temporary folder must not follow it: "~deskops"
+# (no such account) became a literal folder next to the playbook, inside the collection.
+PLAY_ENV = {"USER": "deskops", "ANSIBLE_REMOTE_TMP": str(Path(tempfile.gettempdir()) / "gm-test-change-freeze")}
+
+
 def play(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
                            "-e", f"ansible_python_interpreter={sys.executable}", "-e", "ansible_become=false",
                            *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-                          # USER names who set the freeze. Ansible's temporary folder must not follow it: "~deskops"
-                          # (no such account) became a literal folder next to the playbook, inside the collection.
-                          env=dict(os.environ, ANSIBLE_NOCOLOR="1", USER="deskops",
-                                   ANSIBLE_REMOTE_TMP=str(Path(tempfile.gettempdir()) / "gm-test-change-freeze")))
+                          env=dict(os.environ, ANSIBLE_NOCOLOR="1", **PLAY_ENV))
 
 
 def runbook(freeze_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -97,14 +100,32 @@ def test_set_refuse_force_lift(tmp_path: Path) -> None:
     assert guard(tmp_path, freeze).returncode == 0
 
 
-@pytest.mark.parametrize("content", ["", "not json", "[1, 2]"])
-def test_an_unreadable_freeze_file_still_freezes(tmp_path: Path, content: str) -> None:
-    freeze = tmp_path / "change-freeze.json"
-    freeze.write_text(content)
-    proc = guard(tmp_path, freeze)
-    out = " ".join((proc.stdout + proc.stderr).split())
-    assert proc.returncode != 0, out[-2000:]
-    assert f"unreadable freeze file {freeze}" in out, out[-2000:]
+UNREADABLE = ["", "not json", "[1, 2]"]
+
+
+@pytest.fixture(scope="module")
+def unreadable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Batch]:
+    """The guard over every unreadable freeze file in one ansible-playbook run: a host per file."""
+    work = tmp_path_factory.mktemp("unreadable")
+    hosts = {}
+    for index, content in enumerate(UNREADABLE):
+        freeze = work / f"case{index}" / "change-freeze.json"
+        freeze.parent.mkdir()
+        freeze.write_text(content)
+        hosts[f"case{index}"] = {"rollout_freeze_file": str(freeze)}
+    return work, run_batch(work, GUARD_PLAY.replace("hosts: localhost", "hosts: all").format(tasks=GUARD), hosts,
+                           "-e", "ansible_become=false", env=PLAY_ENV)
+
+
+@pytest.mark.parametrize(("index", "content"), list(enumerate(UNREADABLE)))
+def test_an_unreadable_freeze_file_still_freezes(unreadable: tuple[Path, Batch], index: int, content: str) -> None:
+    work, batch = unreadable
+    freeze = work / f"case{index}" / "change-freeze.json"
+    assert freeze.read_text() == content
+    outcome = batch[f"case{index}"]
+    assert outcome.failed, outcome
+    assert f"a change freeze is set on case{index}" in outcome.said, outcome
+    assert f"unreadable freeze file {freeze}" in outcome.said, outcome
 
 
 def test_check_mode_and_bad_requests_touch_nothing(tmp_path: Path) -> None:

@@ -94,13 +94,21 @@ def test_each_state_is_written_as_json_and_as_one_hot_gauges(tmp_path: Path) -> 
                                                                "weights": {"blue": 50, "green": 50}}))
         tasks.append(role_tasks("state.yml", __rollout_state_name=name, __rollout_state_weight=25,
                                 __rollout_state_index=2))
-        for src in ("state/state.json", "grandmodel_rollout.prom"):
-            tasks.append({"name": f"Keep {src} of {name}", "ansible.builtin.copy": {
-                "src": str(tmp_path / src), "dest": str(snapshots / f"{name}-{Path(src).name}"),
-                "remote_src": True, "mode": "0644"}})
+        # The host is this machine: the controller's file lookup reads the files the role just wrote (no module
+        # run per copy); one copy at the end writes every snapshot aside.
+        tasks.append({"name": f"Keep both files of {name}", "ansible.builtin.set_fact": {"snapshots": (
+            f"{{{{ snapshots | default({{}}) | combine({{"
+            + ", ".join(f"'{name}-{Path(src).name}': lookup('ansible.builtin.file', '{tmp_path / src}', rstrip=false)"
+                        for src in ("state/state.json", "grandmodel_rollout.prom"))
+            + "}) }}")}})
+    tasks.append({"name": "Write the snapshots aside", "ansible.builtin.copy": {
+        "content": "{{ snapshots | to_json }}", "dest": str(snapshots / "snapshots.json"), "mode": "0644"}})
     started = time.time()
     proc = run_play(tmp_path, tasks, *files(tmp_path))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    for snapshot, text in json.loads((snapshots / "snapshots.json").read_text()).items():
+        (snapshots / snapshot).write_text(text)
+    assert len(list(snapshots.iterdir())) == 2 * len(STATES) + 1
     expected = {"walking": (25, 2), "awaiting_approval": (50, 3), "promoted": (100, 4), "aborted": (0, 2),
                 "rolled_back": (0, 2)}
     for name in STATES:

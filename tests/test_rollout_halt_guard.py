@@ -8,15 +8,13 @@ the file name are read from the runbooks' own variables, so the two sides cannot
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import COLLECTION, REPO, VENV_BIN
+from .ansible_batch import Batch, run_batch
+from .conftest import COLLECTION
 
 TASKS = COLLECTION / "roles" / "rollout" / "tasks" / "halt_guard.yml"
 RUNBOOK_VARS = yaml.safe_load((COLLECTION / "playbooks" / "runbooks" / "vars" / "runbooks.yml").read_text())
@@ -24,21 +22,36 @@ ROLLOUT_DEFAULTS = yaml.safe_load((COLLECTION / "roles" / "rollout" / "defaults"
 
 PLAY = """
 - name: Run the release's halt guard
-  hosts: localhost
+  hosts: all
   gather_facts: false
   tasks:
     - name: Guard
       ansible.builtin.include_tasks: {tasks}
 """
 
+CASES = [
+    (None, False),  # no directory at all: never halted on this load balancer
+    ([], False),
+    (["README.txt"], False),  # nginx includes only *.conf
+    (["00-emergency-stop.conf"], True),
+    (["10-by-hand.conf", "README.txt"], True),  # any halt file nginx would include
+]
 
-def guard(tmp_path: Path, halt_dir: Path) -> subprocess.CompletedProcess[str]:
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(PLAY.format(tasks=TASKS))
-    return subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-                           "-e", f"ansible_python_interpreter={sys.executable}", "-e", f"rollout_halt_dir={halt_dir}",
-                           str(playbook)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-                          env=dict(os.environ, ANSIBLE_NOCOLOR="1"))
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Batch]:
+    """Every case in one ansible-playbook run: a host per case, each with its own halt directory."""
+    work = tmp_path_factory.mktemp("halt")
+    hosts = {}
+    for index, (files, _refused) in enumerate(CASES):
+        halt_dir = work / f"case{index}" / "halt.d"
+        halt_dir.parent.mkdir()
+        if files is not None:
+            halt_dir.mkdir()
+            for name in files:
+                (halt_dir / name).write_text("return 503;\n")
+        hosts[f"case{index}"] = {"rollout_halt_dir": str(halt_dir)}
+    return work, run_batch(work, PLAY.format(tasks=TASKS), hosts)
 
 
 def test_the_guard_looks_where_the_emergency_stop_writes() -> None:
@@ -48,25 +61,19 @@ def test_the_guard_looks_where_the_emergency_stop_writes() -> None:
     assert str(halt_file.parent) == halt_dir and halt_file.suffix == ".conf"
 
 
-@pytest.mark.parametrize(("files", "refused"), [
-    (None, False),  # no directory at all: never halted on this load balancer
-    ([], False),
-    (["README.txt"], False),  # nginx includes only *.conf
-    (["00-emergency-stop.conf"], True),
-    (["10-by-hand.conf", "README.txt"], True),  # any halt file nginx would include
-])
+@pytest.mark.parametrize(("index", "files", "refused"), [(i, *case) for i, case in enumerate(CASES)])
 def test_a_release_is_refused_exactly_while_a_halt_file_is_there(
-        tmp_path: Path, files: list[str] | None, refused: bool) -> None:
-    halt_dir = tmp_path / "halt.d"
-    if files is not None:
-        halt_dir.mkdir()
-        for name in files:
-            (halt_dir / name).write_text("return 503;\n")
-    proc = guard(tmp_path, halt_dir)
-    output = proc.stdout + proc.stderr
+        guarded: tuple[Path, Batch], index: int, files: list[str] | None, refused: bool) -> None:
+    work, batch = guarded
+    host = f"case{index}"
+    halt_dir = work / host / "halt.d"
+    outcome = batch[host]
+    output = outcome.said
     if not refused:
-        assert proc.returncode == 0, output[-2000:]
+        assert not outcome.failed, outcome
+        assert "All assertions passed" in output, outcome  # the guard ran and let the release go
         return
-    assert proc.returncode != 0, output[-2000:]
-    assert "trading is halted on localhost" in output, output[-2000:]
-    assert str(halt_dir / files[0]) in output and "Run playbooks/runbooks/resume.yml first" in output, output[-2000:]
+    assert files
+    assert outcome.failed, outcome
+    assert f"trading is halted on {host}" in output, outcome
+    assert str(halt_dir / files[0]) in output and "Run playbooks/runbooks/resume.yml first" in output, outcome

@@ -11,24 +11,25 @@ says systemd would print now (this machine has no systemd of its own).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import COLLECTION, REPO, VENV_BIN
+from .ansible_batch import Batch, run_batch
+from .conftest import COLLECTION
 
 GATED = "MainPID=4242\nInvocationID=6f1c0d2a9b7e4c1d8e3f5a6b7c8d9e0f\nActiveState=active"
 TASKS = COLLECTION / "roles" / "rollout" / "tasks" / "identity.yml"
 
 PLAY = """
 - name: Compare the colour's process with the one its gate measured
-  hosts: localhost
+  hosts: all
   gather_facts: false
   vars:
     __rollout_plan: {{to_color: green, from_color: blue}}
     grandmodel_model_unit: grandmodel-model  # role _common's default (the role reads it from there)
+  environment:
+    FAKE_SYSTEMCTL_NOW: "{{{{ fake_systemctl_now }}}}"  # what this case's systemd says now
   tasks:
     - name: Keep the identity the gate measured (a fact, as pre_gate.yml keeps it)
       ansible.builtin.set_fact:
@@ -37,7 +38,7 @@ PLAY = """
     - name: Compare
       ansible.builtin.include_tasks: {tasks}
       vars:
-        __rollout_identity_hosts: [localhost]
+        __rollout_identity_hosts: ["{{{{ inventory_hostname }}}}"]
 """
 
 CASES = {
@@ -49,29 +50,39 @@ CASES = {
     "same PID, being stopped": (GATED.replace("ActiveState=active", "ActiveState=deactivating"), False),
     "unit gone": ("MainPID=0\nInvocationID=\nActiveState=inactive", False),
 }
+HOSTS = {case: f"case{i}" for i, case in enumerate(CASES)}
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory: pytest.TempPathFactory) -> Batch:
+    """Every case in one ansible-playbook run: a host per case, each with its own `systemctl show` answer."""
+    work = tmp_path_factory.mktemp("identity")
+    bindir = work / "bin"
+    bindir.mkdir()
+    fake = bindir / "systemctl"
+    fake.write_text('#!/bin/sh\n[ "$1" = show ] || exit 3\ncat "$FAKE_SYSTEMCTL_NOW"\n')
+    fake.chmod(0o755)
+    hosts = {}
+    for case, (now, _passes) in CASES.items():
+        now_file = work / f"{HOSTS[case]}-now"
+        now_file.write_text(now + "\n")
+        hosts[HOSTS[case]] = {"fake_systemctl_now": str(now_file)}
+    return run_batch(work, PLAY.format(gated=GATED.replace("\n", "\\n"), tasks=TASKS), hosts,
+                     env={"PATH": f"{bindir}:{os.environ['PATH']}"})
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_identity_check(tmp_path: Path, case: str) -> None:
+def test_identity_check(checked: Batch, case: str) -> None:
     now, passes = CASES[case]
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (tmp_path / "now").write_text(now + "\n")
-    fake = bindir / "systemctl"
-    fake.write_text(f"#!/bin/sh\n[ \"$1\" = show ] || exit 3\ncat {tmp_path / 'now'}\n")
-    fake.chmod(0o755)
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(PLAY.format(gated=GATED.replace("\n", "\\n"), tasks=TASKS))
-    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-                           "-e", f"ansible_python_interpreter={sys.executable}", str(playbook)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-                          env=dict(os.environ, ANSIBLE_NOCOLOR="1", PATH=f"{bindir}:{os.environ['PATH']}"))
-    output = proc.stdout + proc.stderr
+    host = HOSTS[case]
+    outcome = checked[host]
     if passes:
-        assert proc.returncode == 0, output[-2000:]
+        assert not outcome.failed, outcome
+        assert "All assertions passed" in outcome.said, outcome  # the comparison ran and held
         return
-    assert proc.returncode != 0, output[-2000:]
-    assert "is no longer the process its pre-promotion gate" in output, output[-2000:]
+    assert outcome.failed, outcome
+    output = outcome.said
+    assert "is no longer the process its pre-promotion gate" in output, outcome
     # The message names the host and both identities, so the operator sees what changed.
-    assert "localhost (gated: MainPID=4242" in output, output[-2000:]
-    assert "now: " + now.replace("\n", " ") in output, output[-2000:]
+    assert f"{host} (gated: MainPID=4242" in output, outcome
+    assert "now: " + now.replace("\n", " ") in output, outcome
