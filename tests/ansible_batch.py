@@ -50,6 +50,13 @@ class Batch:
     proc: subprocess.CompletedProcess[str]
     hosts: dict[str, HostOutcome]
 
+    def facts(self, host: str) -> dict[str, Any]:
+        """The facts the host's tasks set (set_fact), later ones over earlier ones."""
+        found: dict[str, Any] = {}
+        for result in self[host].results:
+            found.update(result.get("ansible_facts", {}))
+        return found
+
     def __getitem__(self, host: str) -> HostOutcome:
         assert host in self.hosts, f"{host} did not run: {self.proc.stdout[-2000:]}{self.proc.stderr[-2000:]}"
         return self.hosts[host]
@@ -67,21 +74,15 @@ def local_inventory(hosts: Mapping[str, Mapping[str, Any]], groups: Mapping[str,
     return inventory
 
 
-def run_batch(work: Path, play: str | list[dict[str, Any]], hosts: Mapping[str, Mapping[str, Any]], *extra: str,
-              env: Mapping[str, str] | None = None, groups: Mapping[str, list[str]] | None = None,
-              timeout: int = 300) -> Batch:
-    """Run `play` (YAML text or a list of plays) once over `hosts`; each host's outcome by name."""
-    work.mkdir(parents=True, exist_ok=True)
-    inventory = work / "batch-hosts.yml"
-    inventory.write_text(yaml.safe_dump(local_inventory(hosts, groups), sort_keys=False))
-    playbook = work / "batch-play.yml"
-    playbook.write_text(play if isinstance(play, str) else yaml.safe_dump(play, sort_keys=False))
-    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), str(playbook), *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
-                          env=dict(os.environ, **(env or {}), ANSIBLE_NOCOLOR="1",
-                                   ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
-                                   # profile_tasks (ansible.cfg) would print its timings into the JSON
-                                   ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json"))
+JSON_ENV = {"ANSIBLE_NOCOLOR": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
+            # profile_tasks (ansible.cfg) would print its timings into the JSON
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.json"}
+
+
+def run_json(args: list[str], env: Mapping[str, str] | None = None, timeout: int = 300) -> Batch:
+    """ansible-playbook `args` with the JSON callback; each host's outcome by name."""
+    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False, env=dict(os.environ, **(env or {}), **JSON_ENV))
     try:
         report = json.loads(proc.stdout)
     except json.JSONDecodeError as error:
@@ -95,3 +96,15 @@ def run_batch(work: Path, play: str | list[dict[str, Any]], hosts: Mapping[str, 
                 # A loop's items each carry their own message.
                 outcomes[name].results.extend(r for r in result.get("results", []) if isinstance(r, dict))
     return Batch(proc, outcomes)
+
+
+def run_batch(work: Path, play: str | list[dict[str, Any]], hosts: Mapping[str, Mapping[str, Any]], *extra: str,
+              env: Mapping[str, str] | None = None, groups: Mapping[str, list[str]] | None = None,
+              timeout: int = 300) -> Batch:
+    """Run `play` (YAML text or a list of plays) once over `hosts`; each host's outcome by name."""
+    work.mkdir(parents=True, exist_ok=True)
+    inventory = work / "batch-hosts.yml"
+    inventory.write_text(yaml.safe_dump(local_inventory(hosts, groups), sort_keys=False))
+    playbook = work / "batch-play.yml"
+    playbook.write_text(play if isinstance(play, str) else yaml.safe_dump(play, sort_keys=False))
+    return run_json(["-i", str(inventory), str(playbook), *extra], env=env, timeout=timeout)

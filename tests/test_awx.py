@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import json
 import os
@@ -92,9 +94,20 @@ def imported_path(playbook: Path, imported: str) -> Path:
     return playbook.parent / imported
 
 
+@functools.cache
+def _parsed(path: Path) -> Any:
+    """A YAML file parsed once per session (the survey checks read the same playbooks and argument specs for
+    each of their questions): libyaml's loader where PyYAML has it, the same documents either way."""
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def parsed(path: Path) -> Any:
+    return copy.deepcopy(_parsed(path.resolve()))
+
+
 def source_of(playbook: Path) -> Path:
     """The playbook itself, or what it wraps when it is one import_playbook (the old top-level paths)."""
-    plays = yaml.safe_load(playbook.read_text())
+    plays = parsed(playbook)
     if len(plays) == 1:
         imported = plays[0].get("ansible.builtin.import_playbook") or plays[0].get("import_playbook")
         if imported:
@@ -105,7 +118,7 @@ def source_of(playbook: Path) -> Path:
 def plays_of(playbook: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every play of a playbook, import_playbook followed."""
     found: list[tuple[Path, dict[str, Any]]] = []
-    for play in yaml.safe_load(playbook.read_text()):
+    for play in parsed(playbook):
         imported = play.get("ansible.builtin.import_playbook") or play.get("import_playbook")
         if imported:
             found += plays_of(imported_path(playbook, imported))
@@ -140,7 +153,7 @@ def argument_spec_options(playbook: Path) -> dict[str, dict[str, Any]]:
         for name in names:
             spec_file = role_dir(name) / "meta" / "argument_specs.yml"
             if spec_file.exists():
-                for entry in yaml.safe_load(spec_file.read_text())["argument_specs"].values():
+                for entry in parsed(spec_file)["argument_specs"].values():
                     options.update(entry.get("options", {}))
     return options
 

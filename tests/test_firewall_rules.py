@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from .ansible_batch import run_json
 from .conftest import COLLECTION, VENV_BIN
 
 ROLE = COLLECTION / "roles" / "firewall"
@@ -83,23 +84,45 @@ PLAY = f"""
 """
 
 
+# The same plays, the rendered texts kept as facts and read from the JSON callback: a copy task is a module
+# run per host (seconds each), a fact is not. The refusal test below keeps the copy (nothing written).
+PLAY_FACTS = (PLAY.replace("""    - name: Write the ruleset the role would load on this host
+      ansible.builtin.copy:
+        content: "{{ lookup('ansible.builtin.template', '""" + f"{ROLE}" + """/templates/grandmodel.nft.j2') }}"
+        dest: "{{ out_dir }}/{{ inventory_hostname }}.nft"
+        mode: "0644"
+""", """    - name: Keep the ruleset the role would load on this host
+      ansible.builtin.set_fact:
+        rendered_ruleset: "{{ lookup('ansible.builtin.template', '""" + f"{ROLE}" + """/templates/grandmodel.nft.j2')
+          }}"
+""").replace("""    - name: Write the map as JSON
+      ansible.builtin.copy:
+        content: "{{ __runbook_expected_ports | to_json }}"
+        dest: "{{ out_dir }}/expected_ports.json"
+        mode: "0644"
+""", """    - name: Keep the map as JSON
+      ansible.builtin.set_fact:
+        rendered_expected_ports: "{{ __runbook_expected_ports | to_json }}"
+"""))
+assert PLAY_FACTS.count("set_fact") == 2
+
+
 @pytest.fixture(scope="module")
 def rulesets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     work = tmp_path_factory.mktemp("firewall")
     (work / "hosts.yml").write_text(INVENTORY)
-    (work / "render.yml").write_text(PLAY)
-    result = subprocess.run(
-        [str(VENV_BIN / "ansible-playbook"), "-i", str(work / "hosts.yml"), str(work / "render.yml"),
-         "-e", f"out_dir={work}",
+    (work / "render.yml").write_text(PLAY_FACTS)
+    result = run_json(
+        ["-i", str(work / "hosts.yml"), str(work / "render.yml"), "-e", f"out_dir={work}",
          # extra vars: the role's defaults are loaded as play vars_files, which beat the inventory
          "-e", '{"firewall_admin_networks": ["192.0.2.0/24"], "firewall_client_networks": ["198.51.100.0/24"],'
-               ' "firewall_probe_address": "127.0.0.1"}'],
-        capture_output=True, text=True, timeout=300, check=False,
-        env=dict(os.environ, ANSIBLE_NOCOLOR="1"),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return {host: (work / f"{host}.nft").read_text() for host in ADDRESSES} | {
-        "expected_ports": (work / "expected_ports.json").read_text()}
+               ' "firewall_probe_address": "127.0.0.1"}'])
+    assert result.proc.returncode == 0, result.proc.stdout[-5000:] + result.proc.stderr
+    rendered = {host: result.facts(host)["rendered_ruleset"] for host in ADDRESSES}
+    assert all(isinstance(text, str) and text for text in rendered.values()), rendered
+    expected_ports = result.facts("localhost")["rendered_expected_ports"]
+    assert isinstance(expected_ports, str), expected_ports
+    return rendered | {"expected_ports": expected_ports}
 
 
 def covers(ports: str, port: int) -> bool:

@@ -97,7 +97,7 @@ def test_each_state_is_written_as_json_and_as_one_hot_gauges(tmp_path: Path) -> 
         # The host is this machine: the controller's file lookup reads the files the role just wrote (no module
         # run per copy); one copy at the end writes every snapshot aside.
         tasks.append({"name": f"Keep both files of {name}", "ansible.builtin.set_fact": {"snapshots": (
-            f"{{{{ snapshots | default({{}}) | combine({{"
+            "{{ snapshots | default({}) | combine({"
             + ", ".join(f"'{name}-{Path(src).name}': lookup('ansible.builtin.file', '{tmp_path / src}', rstrip=false)"
                         for src in ("state/state.json", "grandmodel_rollout.prom"))
             + "}) }}")}})

@@ -11,7 +11,6 @@ says systemd would print now (this machine has no systemd of its own).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
