@@ -81,18 +81,25 @@ def test_set_refuse_force_lift(tmp_path: Path) -> None:
     assert again.returncode == 0 and changed(again) == 0
     assert json.loads(freeze.read_text()) == body  # the first reason and time are kept
 
-    refused = guard(tmp_path, freeze)
-    out = " ".join((refused.stdout + refused.stderr).split())
-    assert refused.returncode != 0, out[-2000:]
-    assert f"a change freeze is set on localhost since {body['since']} by deskops" in out, out[-2000:]
-    assert "Lift it with playbooks/runbooks/change_freeze.yml -e change_freeze=off" in out
-    blank = guard(tmp_path, freeze, "-e", json.dumps({"rollout_freeze_override_reason": "   "}))
-    assert blank.returncode != 0  # a blank reason is no reason
+    # The three answers to the set freeze in one ansible-playbook run: a host per override reason (none, blank,
+    # given), each reading the same freeze file.
+    reasons = {"refused": "", "blank": "   ", "forced": "hotfix for a mispriced feed"}
+    answers = run_batch(tmp_path / "answers", GUARD_PLAY.replace("hosts: localhost", "hosts: all").replace(
+        'rollout_freeze_override_reason: ""  # the role\'s default (extra vars beat it)',
+        'rollout_freeze_override_reason: "{{{{ case_override_reason }}}}"  # this case\'s answer').format(tasks=GUARD),
+        {host: {"case_override_reason": reason, "rollout_freeze_file": str(freeze)}
+         for host, reason in reasons.items()},
+        "-e", "ansible_become=false", env=PLAY_ENV)
+    refused = answers["refused"]
+    assert refused.failed, refused
+    assert f"a change freeze is set on refused since {body['since']} by deskops" in refused.said, refused
+    assert "Lift it with playbooks/runbooks/change_freeze.yml -e change_freeze=off" in refused.said
+    blank = answers["blank"]
+    assert blank.failed and "a change freeze is set on blank" in blank.said, blank  # a blank reason is no reason
 
-    why = {"rollout_freeze_override_reason": "hotfix for a mispriced feed"}
-    forced = guard(tmp_path, freeze, "-e", json.dumps(why))
-    assert forced.returncode == 0, forced.stdout[-2000:]
-    assert "overridden: hotfix for a mispriced feed" in " ".join(forced.stdout.split())
+    forced = answers["forced"]
+    assert not forced.failed, forced
+    assert "overridden: hotfix for a mispriced feed" in forced.said, forced
 
     off = runbook(freeze, "-e", "change_freeze=off")
     assert off.returncode == 0 and changed(off) == 1 and not freeze.exists()
