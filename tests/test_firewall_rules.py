@@ -22,7 +22,8 @@ from .conftest import COLLECTION, VENV_BIN
 ROLE = COLLECTION / "roles" / "firewall"
 ADDRESSES = {"db1": "10.0.1.10", "repo1": "10.0.2.10", "mon1": "10.0.3.10", "mon2": "10.0.3.11",
              "app1": "10.0.4.10", "lb1": "10.0.5.10", "cache1": "10.0.6.10",
-             "cp1": "10.0.7.10", "cp2": "10.0.7.11", "worker1": "10.0.8.10"}
+             "cp1": "10.0.7.10", "cp2": "10.0.7.11", "worker1": "10.0.8.10",
+             "ha1": "10.0.9.10", "ha2": "10.0.9.11", "ha3": "10.0.9.12"}
 # playbooks/runbooks/vars/runbooks.yml (__runbook_expected_ports: the ports each group's hosts listen on,
 # read by the security check). The runbooks are moving into the collection: take it wherever it is.
 RUNBOOK_VARS = next(path for path in (COLLECTION / "playbooks" / "runbooks" / "vars" / "runbooks.yml",
@@ -48,6 +49,11 @@ all:
         cp1: {{firewall_host_addresses: [{ADDRESSES["cp1"]}]}}
         cp2: {{firewall_host_addresses: [{ADDRESSES["cp2"]}]}}
     k8s_workers: {{hosts: {{worker1: {{firewall_host_addresses: [{ADDRESSES["worker1"]}]}}}}}}
+    db_ha:
+      hosts:
+        ha1: {{firewall_host_addresses: [{ADDRESSES["ha1"]}]}}
+        ha2: {{firewall_host_addresses: [{ADDRESSES["ha2"]}]}}
+        ha3: {{firewall_host_addresses: [{ADDRESSES["ha3"]}]}}
 """
 PLAY = f"""
 - name: Render the firewall ruleset of every host
@@ -161,6 +167,22 @@ def test_pgbackrest_tls_port_is_open_between_database_and_repository_only(rulese
     assert "# pgbackrest_database: tcp 8432 from backup_repo" in rulesets["db1"]
 
 
+def test_patroni_members_reach_each_other_and_clients_reach_only_the_endpoint(rulesets):
+    # etcd (client, peers), PostgreSQL (replication, HAProxy to the leader) and Patroni's REST API between the
+    # db_ha members only; the application and monitoring reach HAProxy's read-write and read-only ports.
+    members = {ADDRESSES["ha1"], ADDRESSES["ha2"], ADDRESSES["ha3"]}
+    clients = {ADDRESSES["app1"], ADDRESSES["mon1"], ADDRESSES["mon2"]}
+    for host in ("ha1", "ha2", "ha3"):
+        for port in (2379, 2380, 5432, 8008):
+            assert sources(rulesets[host], port) == members, (host, port)
+        for port in (5000, 5001):
+            assert sources(rulesets[host], port) == clients, (host, port)
+        assert "# etcd: tcp 2379, 2380 from db_ha" in rulesets[host]
+    for host in ("db1", "repo1", "app1", "lb1", "cache1", "mon1"):
+        for port in (2379, 2380, 8008, 5000, 5001):
+            assert not sources(rulesets[host], port), (host, port)
+
+
 def test_monitoring_hosts_reach_each_others_prometheus_alertmanager_and_gossip(rulesets):
     monitoring = {ADDRESSES["mon1"], ADDRESSES["mon2"]}
     for host in ("mon1", "mon2"):
@@ -218,6 +240,9 @@ def test_every_listening_port_of_the_roles_has_a_rule():
         "exporters_node_port": ("exporters", 9100), "exporters_postgres_port": ("exporters", 9187),
         "exporters_redis_port": ("exporters", 9121), "exporters_nginx_port": ("exporters", 9113),
         "loadbalancer_http_port": ("loadbalancer", 80), "loadbalancer_https_port": ("loadbalancer", 443),
+        "etcd_client_port": ("etcd", 2379), "etcd_peer_port": ("etcd", 2380),
+        "patroni_restapi_port": ("patroni", 8008), "pg_endpoint_rw_port": ("pg_endpoint", 5000),
+        "pg_endpoint_ro_port": ("pg_endpoint", 5001),
     }
     for name, (role, port) in listened.items():
         role_defaults = yaml.safe_load((roles / role / "defaults" / "main.yml").read_text())
