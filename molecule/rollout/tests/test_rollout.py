@@ -91,7 +91,7 @@ def under_load(action: Callable[[], Any], seconds_after: float = 2.0) -> tuple[A
     """Run action() while the front door takes a steady load; return its result, the load and its time."""
     gen = LoadGenerator(port=28080, rate=RATE, workers=8, seconds=900, max_requests=200_000)
     gen.start()
-    time.sleep(2.0)
+    time.sleep(1.0)  # 40 answers from the live colour before the action starts
     started = time.monotonic()
     try:
         result = action()
@@ -115,16 +115,31 @@ def recap_changes(output: str) -> int:
     return total
 
 
+# What podman says of a container (its init's PID, its address, its id), asked once per container: the watchers
+# below poll every 20-50 ms, and a `podman inspect` each time cost a process start (some 0.1 s of CPU, over 1 s at
+# load 13) per poll, a core taken from the release under test and a watcher that saw its moment late.
+_INSPECTED: dict[tuple[str, str], str] = {}
+
+
+def inspect(name: str, fmt: str) -> str:
+    key = (name, fmt)
+    if key not in _INSPECTED:
+        _INSPECTED[key] = subprocess.run(["podman", "inspect", "-f", fmt, name], capture_output=True, text=True,
+                                         check=True).stdout.strip()
+    return _INSPECTED[key]
+
+
 def container_pid(name: str) -> int:
-    out = subprocess.run(["podman", "inspect", "-f", "{{.State.Pid}}", name], capture_output=True, text=True,
-                         check=True).stdout
-    return int(out.strip())
+    """The container's init PID on this machine, asked again only if that process is gone (a restarted container)."""
+    pid = int(inspect(name, "{{.State.Pid}}"))
+    if not Path(f"/proc/{pid}").exists():
+        _INSPECTED.pop((name, "{{.State.Pid}}"), None)
+        pid = int(inspect(name, "{{.State.Pid}}"))
+    return pid
 
 
 def container_ip(name: str) -> str:
-    out = subprocess.run(["podman", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-                          name], capture_output=True, text=True, check=True).stdout
-    return out.strip()
+    return inspect(name, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
 
 
 def lb_file(path: str) -> Path:
@@ -134,8 +149,7 @@ def lb_file(path: str) -> Path:
 
 def colour_pids(color: str) -> list[int]:
     """Host PIDs of the processes of grandmodel-model@<color> in the app container (by their cgroup)."""
-    scope = subprocess.run(["podman", "inspect", "-f", "{{.Id}}", APP], capture_output=True, text=True,
-                           check=True).stdout.strip()
+    scope = inspect(APP, "{{.Id}}")
     unit = f"grandmodel-model@{color}.service"
     pids = []
     for entry in Path("/proc").iterdir():
@@ -197,6 +211,15 @@ def admin(path: str) -> None:
     urllib.request.urlopen(req, timeout=5).read()
 
 
+def start_green_soon() -> None:
+    """Once a case's release is over: continue green and have systemd start it if the release stopped it, without
+    waiting. Its start then overlaps the case's own checks; the next case's green_ready() finds it (nearly) ready.
+    Traffic is on blue alone by then (every case ends there), so no client can reach green."""
+    signal_colour("green", signal.SIGCONT)
+    subprocess.Popen(["podman", "exec", APP, "systemctl", "start", "--no-block", "grandmodel-model@green"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def green_ready(timeout: float = 180) -> None:
     """Bring green back for the next case: continue it, undo a drain, and wait until /ready answers 200.
 
@@ -218,22 +241,40 @@ def green_ready(timeout: float = 180) -> None:
 
 
 class Saboteur(threading.Thread):
-    """Waits for a moment of the release (a gate measurement, the switch's journal) and acts at once."""
+    """Waits for a moment of the release (a gate measurement, the switch's journal) and acts at once.
 
-    def __init__(self, trigger: Callable[[], bool], act: Callable[[], Any], timeout: float = 600) -> None:
+    With `still`, asks right after acting whether the moment still held (the switch still in flight): a case can
+    then say it missed its moment instead of failing on an outcome that belongs to a later one.
+    """
+
+    def __init__(self, trigger: Callable[[], bool], act: Callable[[], Any], timeout: float = 600,
+                 still: Callable[[], bool] | None = None, interval: float = 0.02) -> None:
         super().__init__(daemon=True)
-        self.trigger, self.act, self.timeout = trigger, act, timeout
+        self.trigger, self.act, self.timeout, self.still, self.interval = trigger, act, timeout, still, interval
+        self.started_at = time.monotonic()
+        self.seen_at: float | None = None
         self.fired_at: float | None = None
+        self.held_after: bool | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
-        deadline = time.monotonic() + self.timeout
+        self.started_at = time.monotonic()
+        deadline = self.started_at + self.timeout
         while not self.stop.is_set() and time.monotonic() < deadline:
             if self.trigger():
+                self.seen_at = time.monotonic()
                 self.act()
                 self.fired_at = time.monotonic()
+                if self.still is not None:
+                    self.held_after = self.still()
                 return
-            time.sleep(0.02)
+            time.sleep(self.interval)
+
+    def timing(self) -> dict[str, Any]:
+        def since_start(moment: float | None) -> float | None:
+            return None if moment is None else round(moment - self.started_at, 3)
+        return {"moment_seen_s": since_start(self.seen_at), "acted_s": since_start(self.fired_at),
+                "moment_held_after_act": self.held_after}
 
 
 def at_measurement(n: int) -> Callable[[], bool]:
@@ -257,7 +298,18 @@ def at_measurement(n: int) -> Callable[[], bool]:
 
 
 def when_switch_in_flight() -> bool:
+    """The traffic switch's journal exists on the load balancer: written once the new colour passed the switch's
+    readiness pre-check, before nginx -t, the file's replacement and the reload, and removed only after the
+    verification through the front door passed (or after the restore). A stat through /proc, no exec."""
     return lb_file(JOURNAL).exists()
+
+
+def when_switching_to_green() -> bool:
+    """The switch in flight is the release's switch to green (not a clean-up of a backup line to blue)."""
+    try:
+        return bool(json.loads(lb_file(JOURNAL).read_text()).get("color") == "green")
+    except (OSError, ValueError):  # no journal (or, never seen, a torn read: the module renames it into place)
+        return False
 
 
 def kill_green() -> None:
@@ -496,7 +548,9 @@ MATRIX: dict[str, tuple[Callable[[], bool], Callable[[], Any], str | tuple[str, 
     # The same with a restart that brings a ready process back within seconds: refused, never promoted.
     "pre_gate_restarted_end": (at_measurement(PRE["end"]), restart_green,
                                ("aborted_pre_promotion", "aborted_switch"), ()),
-    "kill9_while_switching": (when_switch_in_flight, kill_green, "aborted_switch",
+    # Killed the instant the switch's journal appears (polled every 5 ms): the switch is then testing, replacing,
+    # reloading or verifying, never done. MOMENTS says whether it was still in flight right after the kill.
+    "kill9_while_switching": (when_switching_to_green, kill_green, "aborted_switch",
                               ("-e", "rollout_switch_verify_timeout=5")),
     "post_gate_kill9_start": (at_measurement(POST["start"]), kill_green, "rolled_back_post_promotion", ()),
     "post_gate_kill9_middle": (at_measurement(POST["middle"]), kill_green, "rolled_back_post_promotion", ()),
@@ -508,12 +562,20 @@ MATRIX: dict[str, tuple[Callable[[], bool], Callable[[], Any], str | tuple[str, 
 }
 
 
+# Cases whose moment is short: (what must still hold right after the act, what that moment is, poll interval).
+MOMENTS: dict[str, tuple[Callable[[], bool], str, float]] = {
+    "kill9_while_switching": (when_switch_in_flight, "the switch to green still in flight (its journal on the "
+                              "load balancer)", 0.005),
+}
+
+
 @pytest.mark.parametrize("case", list(MATRIX))
 def test_fault_matrix(host, case):
     trigger, act, outcome, extra = MATRIX[case]
+    still, moment, interval = MOMENTS.get(case, (None, "", 0.02))
     green_ready()
     assert front_color() == "blue"
-    saboteur = Saboteur(trigger, act)
+    saboteur = Saboteur(trigger, act, still=still, interval=interval)
     before = len(records(host))
 
     def release() -> subprocess.CompletedProcess[str]:
@@ -522,13 +584,18 @@ def test_fault_matrix(host, case):
             return playbook("rollout.yml", "-e", "release_version=2026.11.1", "-e", "rollout_deploy=false", *extra)
         finally:
             saboteur.stop.set()
+            start_green_soon()
 
     proc, report, elapsed = under_load(release)
     ended = front_color()
     new = records(host)[before:]
     summary = summarise(case, report, elapsed, ended=ended, outcome=[r["outcome"] for r in new],
-                        fired=saboteur.fired_at is not None)
+                        fired=saboteur.fired_at is not None, **saboteur.timing())
     assert saboteur.fired_at is not None, f"the fault never fired: {proc.stdout[-3000:]}"
+    if still is not None and not saboteur.held_after:
+        pytest.fail(f"{case}: the fault missed its moment ({moment}): it was gone right after the act, so the "
+                    f"release went on to a later phase (records: {[r['outcome'] for r in new]}); timing "
+                    f"{saboteur.timing()}. A missed moment, not a wrong outcome of the release.")
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert ended == "blue"
     allowed = (outcome,) if isinstance(outcome, str) else outcome

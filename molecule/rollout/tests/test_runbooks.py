@@ -32,6 +32,7 @@ PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resol
 sys.path.insert(0, str(PROJECT / "scripts"))
 
 from frontdoor_load import LoadGenerator, check_target, sample_body  # noqa: E402
+from test_rollout import container_ip, container_pid  # noqa: E402
 
 FRONT_HOST, FRONT_PORT = "127.0.0.1", 28080
 FRONT = f"http://{FRONT_HOST}:{FRONT_PORT}"
@@ -155,13 +156,12 @@ def podman(*args: str, check: bool = True) -> str:
 
 
 def app_ip() -> str:
-    return podman("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", APP).strip()
+    return container_ip(APP)  # asked of podman once (test_rollout.py), not at every poll
 
 
 def lb_path(path: str) -> Path:
     """A file of the load balancer container, read from this machine."""
-    pid = podman("inspect", "-f", "{{.State.Pid}}", LB).strip()
-    return Path(f"/proc/{pid}/root{path}")
+    return Path(f"/proc/{container_pid(LB)}/root{path}")
 
 
 def get(path: str) -> tuple[int, dict[str, Any]]:

@@ -37,7 +37,8 @@ from test_rollout import front_version as version  # noqa: E402
 MIRROR_FILE = "/etc/nginx/grandmodel/shadow.d/mirror.conf"
 RELEASES = ["2026.11.0", "2026.11.1", "2026.11.2"]  # seeds 7, 8, 9 (prepare.yml)
 RATE = 60.0
-SHADOW = {"rollout_weight_steps": [10, 100], "rollout_shadow_seconds": 8, "rollout_shadow_min_joined": 100}
+# 5 s of mirrored live requests at 60/s: some 300 pairs to join, three times the 100 the comparison needs.
+SHADOW = {"rollout_weight_steps": [10, 100], "rollout_shadow_seconds": 5, "rollout_shadow_min_joined": 100}
 
 testinfra_hosts = [f"ansible://{APP}"]
 

@@ -44,6 +44,10 @@ sys.path.insert(0, str(PROJECT / "scripts"))
 
 from frontdoor_load import LoadGenerator, Report  # noqa: E402
 
+# The scenario's hosts and helpers (a container's PID asked of podman once, not at every poll), as test_rollout.py
+# defines them.
+from test_rollout import container_pid, signal_colour  # noqa: E402
+
 FRONT = "http://127.0.0.1:28080"
 APP = "gm-mol-rollout-app"
 LB = "gm-mol-rollout-lb"
@@ -75,12 +79,6 @@ def records(host: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def container_pid(name: str) -> int:
-    out = subprocess.run(["podman", "inspect", "-f", "{{.State.Pid}}", name], capture_output=True, text=True,
-                         check=True).stdout
-    return int(out.strip())
-
-
 def lb_upstream() -> str:
     return Path(f"/proc/{container_pid(LB)}/root{UPSTREAM}").read_text()
 
@@ -100,32 +98,6 @@ def split_of(text: str) -> str:
         return head["weights"]
     split = f"{head.get('active_color', '?')}=100"
     return split + (f" +backup {head['backup_color']}" if "backup_color" in head else "")
-
-
-def colour_pids(color: str) -> list[int]:
-    """Host PIDs of grandmodel-model@<color> in the app container (by their cgroup)."""
-    scope = subprocess.run(["podman", "inspect", "-f", "{{.Id}}", APP], capture_output=True, text=True,
-                           check=True).stdout.strip()
-    unit = f"grandmodel-model@{color}.service"
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cgroup = (entry / "cgroup").read_text()
-        except OSError:
-            continue
-        if scope in cgroup and unit in cgroup:
-            pids.append(int(entry.name))
-    return pids
-
-
-def signal_colour(color: str, signum: int) -> list[int]:
-    pids = colour_pids(color)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-    return pids
 
 
 class UpstreamWatcher(threading.Thread):
