@@ -82,8 +82,14 @@ def test_emergency_stop_keeps_the_database_writing_and_loses_no_row_and_names_ro
     acks = [int(line) for line in on_db("cat", ACKS).split()]
     errors = on_db("cat", ERRORS).strip()
     stored = set(map(int, sql(f"SELECT id FROM {PROBE} WHERE note = 'writer'").split()))
-    print(f"\nemergency stop under writes: {len(acks)} acknowledged inserts, {len(stored)} stored, "
-          f"errors {errors!r}; first run {writes['rows_before']} -> {writes['rows_after']} rows")
+    figures = {"acknowledged_inserts": len(acks), "stored": len(stored),
+               "acknowledged_missing": len(set(acks) - stored),
+               "write_errors": errors, "tables": writes["tables"], "rows_before": writes["rows_before"],
+               "rows_after": writes["rows_after"], "written": writes["written"],
+               "lost_case": lost_report["databases"][DB_HOST]["lost"], "lost_case_rc": lost_proc.returncode}
+    (REPO / "reports").mkdir(exist_ok=True)
+    (REPO / "reports" / "emergency-stop-data.json").write_text(json.dumps(figures, indent=1))
+    print(f"\nemergency stop under writes: {json.dumps(figures)}")
     try:
         # The runbook passed, counted every table of the application database and lost nothing.
         assert proc.returncode == 0, report["problems"] or proc.stdout[-3000:]
