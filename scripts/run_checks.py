@@ -116,7 +116,7 @@ def build_steps() -> list[Step]:
     for scenario in sorted(molecule_scenarios(), key=lambda name: (name != "rollout", name)):
         steps.append(Step(f"molecule:{scenario}",
                           [str(VENV_BIN / "molecule"), "test", "-s", scenario],
-                          # The rollout scenario took 2,400 s and more at load 8-13 in a rehearsal, 3,048 s in CI (46 tests).
+                          # The rollout scenario: 2,400 s and more at load 8-13 in a rehearsal, 3,048 s in CI.
                           timeout=4500 if scenario == "rollout" else 2400,
                           lane=LANE_OF.get(f"molecule:{scenario}", 0)))
     # The Kubernetes service image run as its Deployment says; release 2026.11.1 comes from the rollout

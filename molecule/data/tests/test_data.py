@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import testinfra
 
 testinfra_hosts = ["ansible://gm-mol-data-db"]
 
@@ -36,9 +35,9 @@ def secret(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def client():
-    return testinfra.get_host("ansible://gm-mol-data-client",
-                              ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+def client(repo_host):
+    """The client host: the same host as conftest's repository host (group clients and backup_repo)."""
+    return repo_host
 
 
 @pytest.fixture(scope="module")
