@@ -150,7 +150,8 @@ def summarize_output(log: Path) -> str:
 
 
 def failure_reasons(log: Path, limit: int = 8) -> list[str]:
-    """Why a step failed, from its own output: pytest's FAILED/ERROR lines, Ansible's fatal tasks.
+    """Why a step failed, from its own output: pytest's FAILED/ERROR lines, Ansible's fatal tasks, and the
+    one-line DIAGNOSIS a test prints before it fails on something seen only in full runs.
 
     A Molecule log ends with the destroy stage, so its tail says nothing about the failure; these
     lines are repeated in the closing summary, which is what a CI report shows.
@@ -167,6 +168,8 @@ def failure_reasons(log: Path, limit: int = 8) -> list[str]:
             found.append(f"{task}: {line}"[:240])
         elif line.startswith("CRITICAL "):
             found.append(line[:240])
+        elif line.startswith("DIAGNOSIS "):  # a test's one-line evidence of a failure that is hard to reproduce
+            found.append(line[:1200])
     unique = list(dict.fromkeys(found))
     return unique[:limit] + ([f"... and {len(unique) - limit} more in {log.name}"] if len(unique) > limit else [])
 

@@ -33,6 +33,7 @@ fatal: [gm-mol-rollout-app]: FAILED! => {"msg": "gate failed"}
 fatal: [gm-mol-rollout-app]: FAILED! => {"msg": "expected"}
 ...ignoring
 CRITICAL Ansible return code was 2, command was: ansible-playbook
+DIAGNOSIS revert not seen: timer=inactive service=failed journal='nft: Error: syntax error'
 PLAY RECAP *********************************************************************
 localhost                  : ok=4    changed=3    unreachable=0    failed=0
 """
@@ -46,6 +47,7 @@ def test_reasons_name_failed_tests_fatal_tasks_and_molecule(run_checks, tmp_path
     assert reasons[1].startswith("ERROR molecule/data/tests/test_data.py::test_b")
     assert reasons[2].startswith("quantnova.grandmodel.rollout : Verify the idle colour: fatal: [gm-mol-rollout-app]")
     assert any(r.startswith("CRITICAL Ansible return code was 2") for r in reasons)
+    assert "DIAGNOSIS revert not seen: timer=inactive service=failed journal='nft: Error: syntax error'" in reasons
 
 
 def test_reasons_are_capped_and_deduplicated(run_checks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
