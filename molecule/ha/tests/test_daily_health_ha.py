@@ -1,0 +1,114 @@
+"""The daily health runbook (playbooks/runbooks/daily_health.yml) on the HA members: replication as Patroni and
+Redis themselves report it, never the playbook's word alone.
+
+Runs before test_ha.py and test_redis_sentinel.py (file order) and leaves the cluster as it found it:
+1. the healthy cluster: the run passes with no problem; its report lists three Patroni members (one leader, one
+   synchronous standby, every member running or streaming) and one Redis master with two linked replicas,
+   exactly what Patroni's /cluster and each Redis's INFO say;
+2. two faults at once: Patroni stopped on a replica (its PostgreSQL stops too) and a live Redis replica whose
+   link to the master is broken (a wrong masterauth, so the process answers while replication is down). The
+   run fails naming exactly those: the member missing from the cluster, its unit inactive, the replica's link
+   down. Both are then repaired and the cluster is proved healthy again.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from conftest import MEMBERS, cluster, leader, member, run_playbook, secret, wait_for
+
+ADMIN = "grandmodel_admin"
+SOCKET = "/run/redis/redis-server.sock"
+
+
+def redis(host: str, *args: str) -> str:
+    run = member(host).run(
+        f"REDISCLI_AUTH={shlex.quote(secret('redis_admin'))} redis-cli -s {SOCKET} --user {ADMIN} --no-auth-warning "
+        + " ".join(shlex.quote(a) for a in args))
+    return str(run.stdout + run.stderr).strip()
+
+
+def replication(host: str) -> dict[str, str]:
+    return dict(line.strip().split(":", 1) for line in redis(host, "INFO", "replication").splitlines() if ":" in line)
+
+
+def daily_health(tmp_path: Path, name: str) -> tuple[int, dict[str, Any], str]:
+    reports = tmp_path / name
+    proc = run_playbook("runbooks/daily_health.yml", "-e", json.dumps({"runbook_reports_dir": str(reports)}))
+    found = sorted(reports.glob("daily_health-*/report.json"))
+    assert found, proc.stdout[-3000:] + proc.stderr[-2000:]
+    markdown = found[-1].with_name("report.md").read_text()
+    return proc.returncode, json.loads(found[-1].read_text()), markdown
+
+
+def healthy_cluster() -> bool:
+    view = cluster()
+    states = {m["name"]: m["state"] for m in view["members"]}
+    sync = [m["name"] for m in view["members"] if m["role"] == "sync_standby"]
+    links = [replication(h).get("master_link_status") for h in MEMBERS if replication(h).get("role") == "slave"]
+    return (len(states) == 3 and set(states.values()) <= {"running", "streaming"} and leader(view) is not None
+            and len(sync) == 1 and links == ["up", "up"])
+
+
+def test_daily_health_reads_replication_from_patroni_and_redis(tmp_path: Path) -> None:
+    wait_for("a healthy cluster (3 members, a sync standby, 2 linked Redis replicas)", healthy_cluster, 120)
+    rc, report, markdown = daily_health(tmp_path, "healthy")
+    assert rc == 0 and report["problems"] == [], report["problems"]
+
+    view = cluster()
+    truth = {m["name"]: m["role"] for m in view["members"]}
+    seen = next(h["patroni"] for h in report["hosts"].values() if h["patroni"]["members"])
+    roles = {m["Member"]: m["Role"] for m in seen["members"]}
+    assert roles == {n: {"leader": "Leader", "sync_standby": "Sync Standby", "replica": "Replica"}[r]
+                     for n, r in truth.items()}, (roles, truth)
+    assert seen["synchronous_mode"] is True
+    redis_roles = {h: report["hosts"][h]["redis_replication"]["role"] for h in MEMBERS}
+    assert sorted(redis_roles.values()) == ["master", "slave", "slave"], redis_roles
+    assert {h: replication(h)["role"] for h in MEMBERS} == redis_roles
+    for host, role in redis_roles.items():
+        if role == "slave":
+            assert report["hosts"][host]["redis_replication"]["master_link_status"] == "up"
+    for host in MEMBERS:
+        units = report["hosts"][host]["units"]
+        assert units == {u: "active" for u in ("etcd", "patroni", "haproxy", "redis-server", "redis-sentinel")}
+    assert "## Replication" in markdown and "Sync Standby" in markdown and "| master |" in markdown
+
+
+def test_daily_health_names_a_stopped_member_and_a_broken_redis_link(tmp_path: Path) -> None:
+    view = cluster()
+    pg_victim = next(m["name"] for m in view["members"] if m["role"] != "leader")
+    redis_victim = next(h for h in MEMBERS if replication(h)["role"] == "slave")
+    masterauth = redis(redis_victim, "CONFIG", "GET", "masterauth").splitlines()[1]
+    try:
+        member(pg_victim).check_output("systemctl stop patroni")
+        assert redis(redis_victim, "CONFIG", "SET", "masterauth", "not-the-replication-password") == "OK"
+        redis_kill = redis(redis_victim, "CLIENT", "KILL", "TYPE", "master")
+        wait_for(f"{redis_victim}'s link to its master to go down",
+                 lambda: replication(redis_victim).get("master_link_status") == "down", 30)
+        rc, report, markdown = daily_health(tmp_path, "faults")
+    finally:
+        member(pg_victim).check_output("systemctl start patroni")
+        redis(redis_victim, "CONFIG", "SET", "masterauth", masterauth)
+    assert rc != 0
+    problems = report["problems"]
+    print("daily health with the faults:", json.dumps(problems))
+    # Stopped cleanly, the member's key stays in etcd as "stopped" until its TTL ends, then goes: either is named.
+    member_gone = [p for p in problems if p.startswith(f"{pg_victim}: ") and (
+        "not a member of the Patroni cluster" in p or p.startswith(f"{pg_victim}: Patroni member is stopped"))]
+    unit = f"{pg_victim}: patroni is inactive"
+    link = [p for p in problems if p.startswith(f"{redis_victim}: Redis replica link to its master ")]
+    assert unit in problems and len(member_gone) == 1, problems
+    assert len(link) == 1 and link[0].endswith(" is down"), (problems, redis_kill)
+    # Nothing else: the other members, the leader and the Redis master are reported as they are.
+    assert set(problems) - {unit, *member_gone, *link} <= {
+        # Patroni may need a moment to make the remaining replica synchronous.
+        "the Patroni cluster has no synchronous standby while synchronous mode is on: a failover now could lose "
+        "committed transactions"}, problems
+    assert "## Replication" in markdown
+
+    wait_for("the cluster healthy again", healthy_cluster, 180, interval=2)
+    rc, report, _ = daily_health(tmp_path, "repaired")
+    assert rc == 0 and report["problems"] == [], report["problems"]
