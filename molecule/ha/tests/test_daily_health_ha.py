@@ -14,25 +14,11 @@ Runs before test_ha.py and test_redis_sentinel.py (file order) and leaves the cl
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
-from conftest import MEMBERS, cluster, leader, member, run_playbook, secret, wait_for
-
-ADMIN = "grandmodel_admin"
-SOCKET = "/run/redis/redis-server.sock"
-
-
-def redis(host: str, *args: str) -> str:
-    run = member(host).run(
-        f"REDISCLI_AUTH={shlex.quote(secret('redis_admin'))} redis-cli -s {SOCKET} --user {ADMIN} --no-auth-warning "
-        + " ".join(shlex.quote(a) for a in args))
-    return str(run.stdout + run.stderr).strip()
-
-
-def replication(host: str) -> dict[str, str]:
-    return dict(line.strip().split(":", 1) for line in redis(host, "INFO", "replication").splitlines() if ":" in line)
+from conftest import MEMBERS, cluster, leader, member, run_playbook, wait_for
+from test_redis_sentinel import cli, info
 
 
 def daily_health(tmp_path: Path, name: str) -> tuple[int, dict[str, Any], str]:
@@ -48,7 +34,8 @@ def healthy_cluster() -> bool:
     view = cluster()
     states = {m["name"]: m["state"] for m in view["members"]}
     sync = [m["name"] for m in view["members"] if m["role"] == "sync_standby"]
-    links = [replication(h).get("master_link_status") for h in MEMBERS if replication(h).get("role") == "slave"]
+    redis = [info(h) for h in MEMBERS]
+    links = [r.get("master_link_status") for r in redis if r.get("role") == "slave"]
     return (len(states) == 3 and set(states.values()) <= {"running", "streaming"} and leader(view) is not None
             and len(sync) == 1 and links == ["up", "up"])
 
@@ -67,7 +54,7 @@ def test_daily_health_reads_replication_from_patroni_and_redis(tmp_path: Path) -
     assert seen["synchronous_mode"] is True
     redis_roles = {h: report["hosts"][h]["redis_replication"]["role"] for h in MEMBERS}
     assert sorted(redis_roles.values()) == ["master", "slave", "slave"], redis_roles
-    assert {h: replication(h)["role"] for h in MEMBERS} == redis_roles
+    assert {h: info(h)["role"] for h in MEMBERS} == redis_roles
     for host, role in redis_roles.items():
         if role == "slave":
             assert report["hosts"][host]["redis_replication"]["master_link_status"] == "up"
@@ -80,18 +67,18 @@ def test_daily_health_reads_replication_from_patroni_and_redis(tmp_path: Path) -
 def test_daily_health_names_a_stopped_member_and_a_broken_redis_link(tmp_path: Path) -> None:
     view = cluster()
     pg_victim = next(m["name"] for m in view["members"] if m["role"] != "leader")
-    redis_victim = next(h for h in MEMBERS if replication(h)["role"] == "slave")
-    masterauth = redis(redis_victim, "CONFIG", "GET", "masterauth").splitlines()[1]
+    redis_victim = next(h for h in MEMBERS if info(h)["role"] == "slave")
+    masterauth = cli(redis_victim, "CONFIG", "GET", "masterauth").splitlines()[1]
     try:
         member(pg_victim).check_output("systemctl stop patroni")
-        assert redis(redis_victim, "CONFIG", "SET", "masterauth", "not-the-replication-password") == "OK"
-        redis_kill = redis(redis_victim, "CLIENT", "KILL", "TYPE", "master")
+        assert cli(redis_victim, "CONFIG", "SET", "masterauth", "not-the-replication-password") == "OK"
+        redis_kill = cli(redis_victim, "CLIENT", "KILL", "TYPE", "master")
         wait_for(f"{redis_victim}'s link to its master to go down",
-                 lambda: replication(redis_victim).get("master_link_status") == "down", 30)
+                 lambda: info(redis_victim).get("master_link_status") == "down", 30)
         rc, report, markdown = daily_health(tmp_path, "faults")
     finally:
         member(pg_victim).check_output("systemctl start patroni")
-        redis(redis_victim, "CONFIG", "SET", "masterauth", masterauth)
+        cli(redis_victim, "CONFIG", "SET", "masterauth", masterauth)
     assert rc != 0
     problems = report["problems"]
     print("daily health with the faults:", json.dumps(problems))
