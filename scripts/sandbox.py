@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -50,6 +51,10 @@ IMAGE_PACKAGES = ["python3", "python3-apt", "systemd", "systemd-sysv", "dbus", "
                   "sudo", "ca-certificates", "procps", "curl", "gnupg", "less", "openssh-server"]
 SSH_DIR = REPO / ".ansible" / "sandbox"
 SSH_KEY = SSH_DIR / "id_ed25519"
+# ansible.cfg's fact cache (fact_caching_connection): a recreated host has a new address, so the facts
+# cached for its name are forgotten with it (else the next run within the cache timeout reads the old
+# address: the firewall's probe of the new ruleset then dialled the previous host's address).
+FACT_CACHE = REPO / ".ansible" / "facts"
 SSH_CONFIG = SSH_DIR / "ssh_config"
 # Each host makes its own SSH host keys at first boot (none are baked into the image).
 SSH_UNIT_DROPIN = """\
@@ -122,6 +127,24 @@ def require_root() -> None:
                            "run this command as root, e.g. with sudo")
 
 
+# What Debian's own container images do: dpkg does not fsync every file it unpacks (a throw-away
+# sandbox or test host loses nothing if the machine crashes mid-install), and the documentation,
+# manual pages and translations nobody reads on these hosts are not unpacked or fetched. An apt
+# install in a sandbox or Molecule host then takes about a fifth less (PostgreSQL 15: 18 s -> 14 s).
+DPKG_SPEEDUP = """# Written by scripts/sandbox.py (sandbox and test hosts only)
+force-unsafe-io
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+"""
+APT_SPEEDUP = """// Written by scripts/sandbox.py (sandbox and test hosts only)
+Acquire::Languages "none";
+"""
+
+
 def require_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
@@ -130,8 +153,9 @@ def require_tools(*tools: str) -> None:
 
 
 def recipe_digest() -> str:
-    recipe = json.dumps({"packages": IMAGE_PACKAGES, "mirror": MIRROR, "v": 3,
-                         "ssh": [SSH_UNIT_DROPIN, SSHD_DROPIN]}, sort_keys=True)
+    recipe = json.dumps({"packages": IMAGE_PACKAGES, "mirror": MIRROR, "v": 4,
+                         "ssh": [SSH_UNIT_DROPIN, SSHD_DROPIN], "apt": [DPKG_SPEEDUP, APT_SPEEDUP]},
+                        sort_keys=True)
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
@@ -214,6 +238,8 @@ def build_image(force: bool) -> None:
         dropin.parent.mkdir(parents=True, exist_ok=True)
         dropin.write_text(SSH_UNIT_DROPIN)
         (rootfs / "etc/ssh/sshd_config.d/10-grandmodel.conf").write_text(SSHD_DROPIN)
+        (rootfs / "etc/dpkg/dpkg.cfg.d/10-grandmodel-sandbox").write_text(DPKG_SPEEDUP)
+        (rootfs / "etc/apt/apt.conf.d/10-grandmodel-sandbox").write_text(APT_SPEEDUP)
         for cache in (rootfs / "var/cache/apt/archives").glob("*.deb"):
             cache.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
@@ -299,6 +325,14 @@ def container_ip(name: str) -> str:
     return addresses[0]
 
 
+def forget_facts(name: str) -> None:
+    # ansible-core names a cache file after the host, behind a schema prefix in 2.19 ("s1_<host>").
+    pattern = re.compile(rf"(s\d+_)?{re.escape(name)}")
+    for path in FACT_CACHE.glob(f"*{name}"):
+        if pattern.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
 def create(hosts: list[HostSpec]) -> None:
     require_root()
     require_tools("podman")
@@ -316,6 +350,7 @@ def create(hosts: list[HostSpec]) -> None:
             why = "its definition changed" if state == "running" else f"it is stale ({state})"
             log(f"host {host.name}: {why}; recreating it")
             run(["podman", "rm", "-f", "-t", "5", host.name], capture=True)
+        forget_facts(host.name)
         run(["podman", "run", "-d", "--name", host.name, *spec, IMAGE, "/sbin/init"], capture=True)
         wait_for_systemd(host.name)
         log(f"host {host.name} up" + (f" (published {', '.join(host.publish)})"
@@ -390,6 +425,7 @@ def destroy(names: list[str]) -> None:
             log(f"host {name} absent")
             continue
         run(["podman", "rm", "-f", "-t", "5", name], capture=True)
+        forget_facts(name)
         log(f"host {name} removed")
 
 

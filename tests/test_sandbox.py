@@ -61,17 +61,32 @@ def test_create_recreates_a_stale_host_and_destroy_removes_it(lifecycle_host: st
     again = sandbox("create", lifecycle_host)
     assert "already running" in again.stdout
 
-    # A host left behind by an earlier session is dead but keeps its name: it is recreated.
-    subprocess.run(["podman", "stop", "-t", "2", lifecycle_host], capture_output=True, check=True)
-    assert state(lifecycle_host) == "exited"
-    stale = sandbox("create", lifecycle_host)
-    assert stale.returncode == 0, stale.stderr
-    assert "it is stale (exited); recreating it" in stale.stdout
-    assert state(lifecycle_host) == "running"
+    # A host left behind by an earlier session is dead but keeps its name: it is recreated, and the
+    # facts Ansible cached for that name (the old address among them) are forgotten, only those.
+    cache = REPO / ".ansible" / "facts"
+    cache.mkdir(parents=True, exist_ok=True)
+    mine = [cache / f"s1_{lifecycle_host}", cache / lifecycle_host]
+    neighbour = cache / f"s1_{lifecycle_host}-other"
+    try:
+        for path in [*mine, neighbour]:
+            path.write_text('{"ansible_default_ipv4": {"address": "10.89.0.250"}}')
+        subprocess.run(["podman", "stop", "-t", "2", lifecycle_host], capture_output=True, check=True)
+        assert state(lifecycle_host) == "exited"
+        stale = sandbox("create", lifecycle_host)
+        assert stale.returncode == 0, stale.stderr
+        assert "it is stale (exited); recreating it" in stale.stdout
+        assert state(lifecycle_host) == "running"
+        assert [p.name for p in mine if p.exists()] == []
+        assert neighbour.exists()
 
-    gone = sandbox("destroy", lifecycle_host)
-    assert gone.returncode == 0
-    assert state(lifecycle_host) == "absent"
+        mine[0].write_text("{}")
+        gone = sandbox("destroy", lifecycle_host)
+        assert gone.returncode == 0
+        assert state(lifecycle_host) == "absent"
+        assert not mine[0].exists()
+    finally:
+        for path in [*mine, neighbour]:
+            path.unlink(missing_ok=True)
 
 
 def test_base_image_is_not_rebuilt_when_current() -> None:
