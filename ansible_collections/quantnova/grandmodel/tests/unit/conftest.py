@@ -207,7 +207,14 @@ class NginxUnderTest:
             time.sleep(0.05)
 
     def serving(self) -> str | None:
-        """The colour one fresh request through the front door gets, or None."""
+        """The colour one fresh request through the front door gets once only the current configuration's
+        worker runs (see settle), or None."""
+        self.settle()
+        return self.probe()
+
+    def probe(self) -> str | None:
+        """The colour one fresh request through the front door gets right now, or None: during a reload the
+        old worker may still answer (what a client watching a switch must see)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
                 sock.sendall(b"GET /version HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -220,6 +227,29 @@ class NginxUnderTest:
         if not head.startswith(b"HTTP/1.1 200"):
             return None
         return str(json.loads(body).get("color"))
+
+    def settle(self, timeout: float = 20) -> None:
+        """Wait until only the current generation of workers runs. After a reload the master lets the old
+        worker keep accepting for 100 ms or more (much more on a loaded machine) before it tells it to stop, so
+        a fresh connection may still get the old configuration's colour: a test that asserts on answers waits
+        for the old worker to leave first."""
+        deadline = time.monotonic() + timeout
+        while len(self.worker_pids()) > 1:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nginx still runs workers {sorted(self.worker_pids())} {timeout} s after a "
+                                     f"reload: {self.log_tail()}")
+            time.sleep(0.02)
+
+    def worker_pids(self) -> set[int]:
+        """PIDs of the master's worker processes (worker_processes is 1: more than one means a reload is in
+        progress); empty when no master runs."""
+        pid = self.master_pid()
+        if pid is None:
+            return set()
+        try:
+            return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+        except OSError:
+            return set()
 
     def log_tail(self) -> str:
         log = self.prefix / "error.log"

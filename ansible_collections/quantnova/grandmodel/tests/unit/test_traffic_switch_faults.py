@@ -49,9 +49,7 @@ def module_args(nginx: NginxUnderTest, color: str, **extra: Any) -> dict[str, An
 
 def workers(nginx: NginxUnderTest) -> set[int]:
     """PIDs of the nginx master's worker processes: a reload replaces them, no reload keeps them."""
-    pid = nginx.master_pid()
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {int(c) for c in children}
+    return nginx.worker_pids()
 
 
 def leftovers(nginx: NginxUnderTest) -> list[str]:
@@ -79,7 +77,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
 
 
 def serving_steadily(nginx: NginxUnderTest, color: str, times: int = 5) -> bool:
-    """`color` answers `times` fresh connections in a row (old workers finish their requests after a reload)."""
+    """`color` answers `times` fresh connections in a row, once the workers of an earlier configuration are gone."""
     return all(nginx.serving() == color for _attempt in range(times))
 
 
@@ -115,7 +113,7 @@ class HeldVerifyUrl(LoopbackServer):
         if self.held:
             self.asked_while_held += 1
             return "pending"
-        return nginx.serving()
+        return nginx.probe()
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:

@@ -65,7 +65,8 @@ def split(green: int) -> dict[str, int]:
 
 
 def count_answers(nginx: NginxUnderTest, requests: int = COUNT_REQUESTS) -> dict[str, int]:
-    """What the front door answers `requests` fresh connections, per colour (None: a failed request)."""
+    """What the front door answers `requests` fresh connections, per colour (None: a failed request), once the
+    workers of an earlier configuration are gone."""
     return dict(collections.Counter(str(nginx.serving()) for _attempt in range(requests)))
 
 
@@ -98,7 +99,7 @@ class SteadyClient:
     def _run(self) -> None:
         deadline = time.monotonic() + self.limit_s
         while not self._stop.is_set() and time.monotonic() < deadline and self.requests < self.limit_requests:
-            answer = self.nginx.serving()
+            answer = self.nginx.probe()
             self.requests += 1
             if answer is None:
                 self.failures.append(time.monotonic())
