@@ -4,11 +4,13 @@ Redis themselves report it, never the playbook's word alone.
 Runs before test_ha.py and test_redis_sentinel.py (file order) and leaves the cluster as it found it:
 1. the healthy cluster: the run passes with no problem; its report lists three Patroni members (one leader, one
    synchronous standby, every member running or streaming) and one Redis master with two linked replicas,
-   exactly what Patroni's /cluster and each Redis's INFO say;
-2. two faults at once: Patroni stopped on a replica (its PostgreSQL stops too) and a live Redis replica whose
-   link to the master is broken (a wrong masterauth, so the process answers while replication is down). The
-   run fails naming exactly those: the member missing from the cluster, its unit inactive, the replica's link
-   down. Both are then repaired and the cluster is proved healthy again.
+   exactly what Patroni's /cluster and each Redis's INFO say, and three Sentinels naming that master with a
+   failover quorum, exactly what each Sentinel says;
+2. three faults at once: Patroni stopped on a replica (its PostgreSQL stops too), a live Redis replica whose
+   link to the master is broken (a wrong masterauth, so the process answers while replication is down) and the
+   Sentinel stopped on the master's host. The run fails naming exactly those: the member missing from the
+   cluster, its unit inactive, the replica's link down, the Sentinel unit inactive and unreadable. All are then
+   repaired and the cluster is proved healthy again.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import MEMBERS, cluster, leader, member, run_playbook, wait_for
-from test_redis_sentinel import cli, info
+from conftest import MEMBERS, address, cluster, leader, member, run_playbook, wait_for
+from test_redis_sentinel import cli, info, sentinel_master
 
 
 def daily_health(tmp_path: Path, name: str) -> tuple[int, dict[str, Any], str]:
@@ -61,15 +63,25 @@ def test_daily_health_reads_replication_from_patroni_and_redis(tmp_path: Path) -
     for host in MEMBERS:
         units = report["hosts"][host]["units"]
         assert units == {u: "active" for u in ("etcd", "patroni", "haproxy", "redis-server", "redis-sentinel")}
+    master = next(h for h, role in redis_roles.items() if role == "master")
+    for host in MEMBERS:
+        seen_sentinel, truth_sentinel = report["hosts"][host]["redis_sentinel"], sentinel_master(host)
+        assert seen_sentinel["error"] is None and seen_sentinel["quorum_ok"] is True, seen_sentinel
+        assert seen_sentinel["master"] == f"{truth_sentinel['ip']}:{truth_sentinel['port']}", seen_sentinel
+        assert seen_sentinel["master"].rsplit(":", 1)[0] == address(master), (seen_sentinel, master)
+        assert seen_sentinel["other_sentinels"] == "2" and seen_sentinel["ckquorum"].startswith("OK 3 usable")
     assert "## Replication" in markdown and "Sync Standby" in markdown and "| master |" in markdown
+    assert markdown.count(", OK 3 usable Sentinels") == 3
 
 
 def test_daily_health_names_a_stopped_member_and_a_broken_redis_link(tmp_path: Path) -> None:
     view = cluster()
     pg_victim = next(m["name"] for m in view["members"] if m["role"] != "leader")
     redis_victim = next(h for h in MEMBERS if info(h)["role"] == "slave")
+    sentinel_victim = next(h for h in MEMBERS if info(h)["role"] == "master")
     masterauth = cli(redis_victim, "CONFIG", "GET", "masterauth").splitlines()[1]
     try:
+        member(sentinel_victim).check_output("systemctl stop redis-sentinel")
         member(pg_victim).check_output("systemctl stop patroni")
         assert cli(redis_victim, "CONFIG", "SET", "masterauth", "not-the-replication-password") == "OK"
         redis_kill = cli(redis_victim, "CLIENT", "KILL", "TYPE", "master")
@@ -79,6 +91,7 @@ def test_daily_health_names_a_stopped_member_and_a_broken_redis_link(tmp_path: P
     finally:
         member(pg_victim).check_output("systemctl start patroni")
         cli(redis_victim, "CONFIG", "SET", "masterauth", masterauth)
+        member(sentinel_victim).check_output("systemctl start redis-sentinel")
     assert rc != 0
     problems = report["problems"]
     print("daily health with the faults:", json.dumps(problems))
@@ -89,8 +102,12 @@ def test_daily_health_names_a_stopped_member_and_a_broken_redis_link(tmp_path: P
     link = [p for p in problems if p.startswith(f"{redis_victim}: Redis replica link to its master ")]
     assert unit in problems and len(member_gone) == 1, problems
     assert len(link) == 1 and link[0].endswith(" is down"), (problems, redis_kill)
-    # Nothing else: the other members, the leader and the Redis master are reported as they are.
-    assert set(problems) - {unit, *member_gone, *link} <= {
+    sentinel_unit = f"{sentinel_victim}: redis-sentinel is inactive"
+    unreadable = [p for p in problems if p.startswith(f"{sentinel_victim}: its Redis Sentinel could not be read: ")]
+    assert sentinel_unit in problems and len(unreadable) == 1, problems
+    # Nothing else: the other members, the leader, the Redis master and the two Sentinels still running (a
+    # quorum of 2 of 3) are reported as they are.
+    assert set(problems) - {unit, *member_gone, *link, sentinel_unit, *unreadable} <= {
         # Patroni may need a moment to make the remaining replica synchronous.
         "the Patroni cluster has no synchronous standby while synchronous mode is on: a failover now could lose "
         "committed transactions"}, problems
