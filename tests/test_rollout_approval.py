@@ -229,3 +229,72 @@ def test_the_approval_refuses_what_it_cannot_decide(tmp_path: Path, state: str |
     said = " ".join(proc.stdout.split())
     assert proc.returncode != 0, said[-2000:]
     assert message in said, said[-3000:]
+
+
+def held_split(tmp_path: Path) -> list[str]:
+    """A release held at 50/50 (state file) that the front door really serves (upstream file): a decision can go on."""
+    held_state(tmp_path, "awaiting_approval")
+    upstream_file = tmp_path / "upstream.conf"
+    upstream_file.write_text("# active_color: blue\n# weights: blue=50 green=50\nupstream grandmodel_backend {\n"
+                             "    server 127.0.0.1:8001 weight=50;\n    server 127.0.0.1:8002 weight=50;\n}\n")
+    return [*files(tmp_path), "-e", json.dumps({"rollout_upstream_file": str(upstream_file),
+                                                "rollout_halt_dir": str(tmp_path / "halt.d"),
+                                                "rollout_freeze_file": str(tmp_path / "freeze.json")})]
+
+
+def decide(tmp_path: Path, decision: str, extra: list[str], name: str) -> subprocess.Popen[str]:
+    """approve_plan.yml with `decision`, as its own ansible-playbook process (its own play file in `name`)."""
+    work = tmp_path / name
+    work.mkdir()
+    inventory = work / "hosts.ini"
+    inventory.write_text(f"localhost\n[lb]\nlocalhost\n[app]\nlocalhost\n[all:vars]\nansible_connection=local\n"
+                         f"ansible_python_interpreter={sys.executable}\n")
+    play = [{"name": "Decide", "hosts": "localhost", "gather_facts": False,
+             "tasks": [role_tasks("approve_plan.yml", __rollout_decision=decision)]}]
+    (work / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    return subprocess.Popen([str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), str(work / "play.yml"),
+                             *extra], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, ANSIBLE_NOCOLOR="1", USER=f"operator-{decision}"))
+
+
+def test_two_decisions_at_once_only_one_decides_and_the_other_names_it(tmp_path: Path) -> None:
+    # An approve and an abort of the same held release started together: both pass every check, exactly one gets
+    # the claim; the other is refused naming the winner's decision, and a third, later, is refused as well.
+    extra = held_split(tmp_path)
+    runs = {decision: decide(tmp_path, decision, extra, decision) for decision in ("promote", "abort")}
+    said = {decision: " ".join(proc.communicate(timeout=300)[0].split()) for decision, proc in runs.items()}
+    codes = {decision: proc.returncode for decision, proc in runs.items()}
+    assert sorted(codes.values()) == [0, 2], (codes, said)
+    winner = next(d for d, rc in codes.items() if rc == 0)
+    loser = next(d for d, rc in codes.items() if rc != 0)
+    claim = tmp_path / "state" / f"state.json.decision-{PLAN['id']}"
+    record = json.loads((claim / "by.json").read_text())
+    assert (record["release"], record["decision"], record["who"]) == (PLAN["id"], winner, f"operator-{winner}")
+    refused = said[loser]
+    assert f"release 2026.11.1 ({PLAN['id']}) is already being decided, or was:" in refused, refused[-3000:]
+    assert f"Nothing was done by this run ({loser})" in refused and str(claim) in refused, refused[-3000:]
+    # The refusal names who holds it (once its record is written; a loser that read before it says so).
+    assert f'"decision": "{winner}"' in refused or "no record yet" in refused, refused[-3000:]
+    later = decide(tmp_path, loser, extra, "later")
+    out = " ".join(later.communicate(timeout=300)[0].split())
+    assert later.returncode != 0 and f'"decision": "{winner}"' in out and f"operator-{winner}" in out, out[-3000:]
+
+
+def test_a_refused_promotion_leaves_no_claim_and_check_mode_claims_nothing(tmp_path: Path) -> None:
+    # A promotion refused by the change freeze decided nothing: the abort after it is not blocked by a claim.
+    extra = held_split(tmp_path)
+    (tmp_path / "freeze.json").write_text(json.dumps({"reason": "trading session", "set_by": "pre_market"}))
+    frozen = decide(tmp_path, "promote", extra, "frozen")
+    out = " ".join(frozen.communicate(timeout=300)[0].split())
+    assert frozen.returncode != 0 and "a change freeze is set on localhost" in out, out[-3000:]
+    assert "already being decided" not in out, out[-3000:]
+    assert not list((tmp_path / "state").glob("state.json.decision-*")), out[-3000:]
+    check = decide(tmp_path, "abort", [*extra, "--check"], "check")
+    out = " ".join(check.communicate(timeout=300)[0].split())
+    assert check.returncode == 0, out[-3000:]
+    assert not list((tmp_path / "state").glob("state.json.decision-*")), out[-3000:]
+    abort = decide(tmp_path, "abort", extra, "abort")
+    out = " ".join(abort.communicate(timeout=300)[0].split())
+    assert abort.returncode == 0, out[-3000:]
+    assert json.loads((tmp_path / "state" / f"state.json.decision-{PLAN['id']}" / "by.json").read_text())[
+        "decision"] == "abort"
