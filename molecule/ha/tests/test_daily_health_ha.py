@@ -10,7 +10,11 @@ Runs before test_ha.py and test_redis_sentinel.py (file order) and leaves the cl
    link to the master is broken (a wrong masterauth, so the process answers while replication is down) and the
    Sentinel stopped on the master's host. The run fails naming exactly those: the member missing from the
    cluster, its unit inactive, the replica's link down, the Sentinel unit inactive and unreadable. All are then
-   repaired and the cluster is proved healthy again.
+   repaired and the cluster is proved healthy again;
+3. a Sentinel that names a replica as master (told at run time to monitor it: a Sentinel restored from an old
+   file or reconfigured by hand): after its own down-after plus two INFO periods it sees that "master" as down
+   (it answers as a replica) and it disagrees with the two others. The run names exactly those two; the
+   Sentinel's file is then put back and the three agree again.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import MEMBERS, address, cluster, leader, member, run_playbook, wait_for
-from test_redis_sentinel import cli, info, sentinel_master
+from conftest import MEMBERS, address, cluster, leader, member, run_playbook, secret, wait_for
+from test_redis_sentinel import MASTER_NAME, agreed_master, cli, info, sentinel, sentinel_master
+
+# The Sentinel's own file (quantnova.grandmodel.redis writes it once; Sentinel rewrites it from then on).
+SENTINEL_CONF = "/etc/redis/grandmodel-sentinel.conf"
 
 
 def daily_health(tmp_path: Path, name: str) -> tuple[int, dict[str, Any], str]:
@@ -115,4 +122,52 @@ def test_daily_health_names_a_stopped_member_and_a_broken_redis_link(tmp_path: P
 
     wait_for("the cluster healthy again", healthy_cluster, 180, interval=2)
     rc, report, _ = daily_health(tmp_path, "repaired")
+    assert rc == 0 and report["problems"] == [], report["problems"]
+
+
+def test_daily_health_names_a_sentinel_that_names_another_master(tmp_path: Path) -> None:
+    wait_for("a healthy cluster", healthy_cluster, 120)
+    master = wait_for("the three Sentinels naming one master", agreed_master, 60)
+    rogue, named = (h for h in MEMBERS if h != master)
+    state = sentinel_master(rogue)
+    # Sentinels adopt a higher configuration epoch from each other's hello messages: at epoch 0 (no failover
+    # yet, as this file runs before test_redis_sentinel.py) the rogue Sentinel keeps its wrong master.
+    assert state["config-epoch"] == "0", f"run this before any failover (config-epoch {state['config-epoch']})"
+    saved = "/root/sentinel.conf.before-rogue"
+    member(rogue).check_output(f"cp -p {SENTINEL_CONF} {saved}")
+    try:
+        assert sentinel(rogue, "SENTINEL", "REMOVE", MASTER_NAME) == "OK"
+        assert sentinel(rogue, "SENTINEL", "MONITOR", MASTER_NAME, address(named), "6380", "2") == "OK"
+        assert sentinel(rogue, "SENTINEL", "SET", MASTER_NAME, "auth-user", "sentinel",
+                        "auth-pass", secret("redis_sentinel"), "down-after-milliseconds", "2000") == "OK"
+        wait_for(f"{rogue}'s Sentinel to see its 'master' {named} as down (it answers as a replica)",
+                 lambda: "s_down" in sentinel_master(rogue).get("flags", ""), 60)
+        rc, report, markdown = daily_health(tmp_path, "rogue-sentinel")
+    finally:
+        member(rogue).check_output(f"systemctl stop redis-sentinel && cp -p {saved} {SENTINEL_CONF} "
+                                   "&& systemctl start redis-sentinel")
+    assert rc != 0
+    problems = report["problems"]
+    print("daily health with a rogue Sentinel:", json.dumps(problems))
+    seen = f"{address(named)}:6380"
+    assert report["hosts"][rogue]["redis_sentinel"]["master"] == seen
+    down = f"{rogue}: its Redis Sentinel sees the master {seen} as down ("
+    disagree = "the Redis Sentinels disagree on the master: "
+    assert [p for p in problems if p.startswith(down) and "s_down" in p], problems
+    disagreement = [p for p in problems if p.startswith(disagree)]
+    assert len(disagreement) == 1 and f"{rogue} names {seen}" in disagreement[0], problems
+    for host in MEMBERS:
+        if host != rogue:
+            assert f"{host} names {address(master)}:6380" in disagreement[0], disagreement
+    # Its hello messages still reach the other two under the same master name: it counts three usable
+    # Sentinels, so its quorum check passes and nothing else is named.
+    assert len(problems) == 2, problems
+    assert "s_down" in markdown
+
+    def three_agree_with_a_quorum() -> bool:
+        return agreed_master() == master and all(
+            sentinel(h, "SENTINEL", "CKQUORUM", MASTER_NAME).startswith("OK 3 usable") for h in MEMBERS)
+
+    wait_for("the three Sentinels agreeing again with a quorum", three_agree_with_a_quorum, 60, interval=1)
+    rc, report, _ = daily_health(tmp_path, "rogue-repaired")
     assert rc == 0 and report["problems"] == [], report["problems"]

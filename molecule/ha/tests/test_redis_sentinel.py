@@ -4,7 +4,9 @@ In this order on one replication set: its shape (one master, two replicas, three
 quorum of 2), the ACL users (replication and Sentinel users limited to what they send, the application's
 rights unchanged, no anonymous Sentinel), a kill -9 of the master's redis-server under a steady write load
 by a Sentinel-aware client (seconds without a writable master, acknowledged writes lost, the old master
-back as a replica), and a second run of the playbook after the failover that changes nothing.
+back as a replica), the same master hung (SIGSTOP) instead, with a stale connection whose write reaches it
+after the failover and must be refused, and a second run of the playbook after both failovers that changes
+nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ KEY = "sentinel_probe"
 USERS = {"admin": ("grandmodel_admin", "redis_admin"), "app": ("grandmodel_app", "redis_app"),
          "sentinel": ("sentinel", "redis_sentinel"), "replication": ("replication", "redis_replication")}
 WRITER = Path(__file__).with_name("redis_writer.py")
+STALE_CLIENT = Path(__file__).with_name("redis_stale_client.py")
 
 
 def cli(host: str, *args: str, user: str = "admin", target: str = "socket") -> str:
@@ -187,6 +190,109 @@ def test_kill_9_of_the_master_under_write_load_promotes_a_replica_and_the_client
     record(redis_old_master_rejoin_seconds=round(time.monotonic() - started, 1))
     wait_for("the old master holding the new master's data",
              lambda: cli(old, "SCARD", KEY) == cli(new, "SCARD", KEY), 30)
+
+
+@dataclass
+class StaleClient:
+    """redis_stale_client.py on one member: one connection opened to one instance before it hangs, used
+    again after the failover (a connection pool that has not noticed)."""
+
+    host: str
+    target: str
+    unit: str = "redis-stale-client"
+
+    @property
+    def log(self) -> str:
+        return f"/root/{self.unit}.log"
+
+    def start(self, key_member: str) -> None:
+        for script in (WRITER, STALE_CLIENT):
+            subprocess.run(["podman", "cp", str(script), f"{self.host}:/root/{script.name}"], check=True)
+        member(self.host).check_output(
+            f"rm -f {self.log} {self.log}.go; systemd-run --unit={self.unit} --working-directory=/root "
+            f"--setenv=REDIS_PASSWORD={shlex.quote(secret('redis_app'))} "
+            f"python3 /root/{STALE_CLIENT.name} --target {self.target} --cafile {CA} --user grandmodel_app "
+            f"--key {KEY} --member {key_member} --log {self.log} --go-file {self.log}.go --timeout 30")
+        wait_for(f"the stale client connected to {self.target}", lambda: self.lines()[:1] == ["connected PONG"], 20)
+
+    def lines(self) -> list[str]:
+        return member(self.host).run(f"cat {self.log} 2>/dev/null").stdout.splitlines()
+
+    def go(self) -> None:
+        member(self.host).check_output(f"touch {self.log}.go")
+
+    def outcomes(self) -> dict[str, str]:
+        """{"queued": ..., "after": ...}: each write's outcome ("reply 1 <time>", "error NOREPLICAS ...")."""
+        lines = wait_for("the stale client's two answers",
+                         lambda: (got := self.lines()[1:]) and (len(got) == 2 or "failed" in got[-1]) and got, 45)
+        return dict(line.split(" ", 1) for line in lines)
+
+
+def test_a_hung_master_is_replaced_and_a_write_reaching_it_afterwards_is_refused() -> None:
+    """SIGSTOP, not kill: the unit stays active, the port accepts connections and nothing answers. A stale
+    connection (opened before the hang, never told of the failover) writes to it once while it hangs and
+    once a second after it resumes. The second write must be refused (min-replicas-to-write): an
+    acknowledged write there would vanish when Sentinel turns the old master into a replica. The first,
+    read in the same event-loop pass as its replicas' hang-ups, is reported, not asserted: Redis answers
+    it before it has counted its replicas gone (docs/data.md)."""
+    old = wait_for("the three Sentinels naming one master", agreed_master, 60)
+    writer_host = next(n for n in MEMBERS if n != old)
+    wait_for("both replicas streaming", lambda: info(old).get("connected_slaves") == "2", 60)
+    load = SentinelLoad(writer_host, unit="redis-writer-hang")
+    first = int(cli(old, "SCARD", KEY) or 0) + 200000
+    stale_member = f"stale-{int(time.time())}"
+    stale = StaleClient(writer_host, f"{address(old)}:6380")
+    stale.start(stale_member)
+    load.start(first)
+    wait_for("steady acknowledged writes", lambda: len(load.acknowledged()) >= 50, 30)
+    max_lag = int(cli(old, "CONFIG", "GET", "min-replicas-max-lag").splitlines()[1])
+    pid = main_pid(old, "redis-server")
+    member(old).check_output(f"kill -STOP {pid}")
+    stopped_at = time.time()
+    resumed = False
+    try:
+        new = wait_for("all three Sentinels naming a new master",
+                       lambda: (m := agreed_master()) != old and m, 60)
+        promoted_after = time.time() - stopped_at
+        wait_for("writes acknowledged by the new master",
+                 lambda: any(t > stopped_at + 1 for _, t, _ in load.acknowledged()), 30)
+        # The stale connection's write waits in the hung process's socket; the hang lasts past
+        # min-replicas-max-lag, as a real stall's would.
+        stale.go()
+        time.sleep(max(0.0, stopped_at + max_lag + 2 - time.time()))
+        hung_for = time.time() - stopped_at
+        member(old).check_output(f"kill -CONT {pid}")
+        resumed = True
+        answers = stale.outcomes()
+        time.sleep(1)
+    finally:
+        if not resumed:
+            member(old).run(f"kill -CONT {pid}")
+        acked = load.stop()
+    present = {i for i in cli(new, "SMEMBERS", KEY).split()}
+    lost_confirmed = [i for i, _, r in acked if r >= 1 and str(i) not in present]
+    gap = longest_gap([(i, t) for i, t, _ in acked if t > stopped_at - 5])
+    record(redis_hang_promoted_after_seconds=round(promoted_after, 2),
+           redis_hang_seconds_without_writable_master=round(gap, 2), redis_hang_hung_seconds=round(hung_for, 1),
+           redis_hang_acknowledged=len(acked), redis_hang_replica_confirmed_lost=len(lost_confirmed),
+           redis_hang_stale_queued_write=answers["queued"].rsplit(" ", 1)[0],
+           redis_hang_stale_write_after_resume=answers.get("after", "none").rsplit(" ", 1)[0])
+    assert new != old
+    assert not lost_confirmed, f"writes a replica had confirmed (WAIT) missing after failover: {lost_confirmed[:20]}"
+    assert gap < 30, f"{gap:.1f} s without a writable master"
+    after = answers.get("after", answers["queued"])
+    assert after.startswith(("error NOREPLICAS", "error READONLY", "failed")), (
+        f"the resumed old master acknowledged a write the new master will never have: {after}")
+    started = time.monotonic()
+    wait_for(f"{old} back as a replica of {new}",
+             lambda: (i := info(old)).get("role") == "slave" and i.get("master_host") == address(new)
+             and i.get("master_link_status") == "up", 90, 1)
+    record(redis_hang_old_master_rejoin_seconds=round(time.monotonic() - started, 1))
+    wait_for("the old master holding the new master's data",
+             lambda: cli(old, "SCARD", KEY) == cli(new, "SCARD", KEY), 30)
+    assert cli(new, "SISMEMBER", KEY, f"{stale_member}-after") == "0"
+    assert cli(old, "SISMEMBER", KEY, f"{stale_member}-after") == "0"
+    record(redis_hang_stale_queued_write_kept=cli(new, "SISMEMBER", KEY, f"{stale_member}-queued") == "1")
 
 
 def test_a_run_after_the_failover_changes_nothing_and_restarts_nothing() -> None:
