@@ -100,6 +100,18 @@ class SentinelLoad(WriteLoad):
         return [(int(i), float(t), int(r)) for i, t, r in (line.split() for line in out.splitlines() if line.strip())]
 
 
+def rejoin_seconds(old: str, new: str) -> float:
+    """Seconds until `old` replicates from `new` with its link up; then waits for it to hold `new`'s data."""
+    started = time.monotonic()
+    wait_for(f"{old} back as a replica of {new}",
+             lambda: (i := info(old)).get("role") == "slave" and i.get("master_host") == address(new)
+             and i.get("master_link_status") == "up", 90, 1)
+    seconds = round(time.monotonic() - started, 1)
+    wait_for("the old master holding the new master's data",
+             lambda: cli(old, "SCARD", KEY) == cli(new, "SCARD", KEY), 30)
+    return seconds
+
+
 def test_one_master_two_replicas_three_sentinels_with_a_quorum() -> None:
     master = wait_for("the three Sentinels naming one master", agreed_master, 60)
     replicas = [n for n in MEMBERS if n != master]
@@ -185,13 +197,7 @@ def test_kill_9_of_the_master_under_write_load_promotes_a_replica_and_the_client
 
     victim.check_output("rm -f /run/systemd/system/redis-server.service.d/ha-test.conf && systemctl daemon-reload "
                         "&& systemctl start redis-server")
-    started = time.monotonic()
-    wait_for(f"{old} back as a replica of {new}",
-             lambda: (i := info(old)).get("role") == "slave" and i.get("master_host") == address(new)
-             and i.get("master_link_status") == "up", 90, 1)
-    record(redis_old_master_rejoin_seconds=round(time.monotonic() - started, 1))
-    wait_for("the old master holding the new master's data",
-             lambda: cli(old, "SCARD", KEY) == cli(new, "SCARD", KEY), 30)
+    record(redis_old_master_rejoin_seconds=rejoin_seconds(old, new))
 
 
 @dataclass
@@ -285,13 +291,7 @@ def test_a_hung_master_is_replaced_and_a_write_reaching_it_afterwards_is_refused
     after = answers.get("after", answers["queued"])
     assert after.startswith(("error NOREPLICAS", "error READONLY", "failed")), (
         f"the resumed old master acknowledged a write the new master will never have: {after}")
-    started = time.monotonic()
-    wait_for(f"{old} back as a replica of {new}",
-             lambda: (i := info(old)).get("role") == "slave" and i.get("master_host") == address(new)
-             and i.get("master_link_status") == "up", 90, 1)
-    record(redis_hang_old_master_rejoin_seconds=round(time.monotonic() - started, 1))
-    wait_for("the old master holding the new master's data",
-             lambda: cli(old, "SCARD", KEY) == cli(new, "SCARD", KEY), 30)
+    record(redis_hang_old_master_rejoin_seconds=rejoin_seconds(old, new))
     assert cli(new, "SISMEMBER", KEY, f"{stale_member}-after") == "0"
     assert cli(old, "SISMEMBER", KEY, f"{stale_member}-after") == "0"
     record(redis_hang_stale_queued_write_kept=cli(new, "SISMEMBER", KEY, f"{stale_member}-queued") == "1")
