@@ -7,7 +7,8 @@ by a Sentinel-aware client (seconds without a writable master, acknowledged writ
 back as a replica), the same master hung (SIGSTOP) instead, with a stale connection whose write reaches it
 after the failover and must be refused, a second run of the playbook after both failovers that changes
 nothing, and a run that changes a setting Redis reads at start only (maxmemory in redis.conf) under the write
-load: one member restarted at a time, the master last after a failover, no confirmed write lost.
+load: one member restarted at a time, the master last after a failover, no write lost; then a restart that an
+interrupted run left undone (a file newer than the running server) is made by the next run, and only that one.
 """
 
 from __future__ import annotations
@@ -357,3 +358,23 @@ def test_a_setting_that_needs_a_restart_restarts_one_member_at_a_time_the_master
     assert not lost, f"acknowledged writes lost in the restarts: {lost[:20]}"
     assert gap < 15, f"{gap:.1f} s without a writable master during the rolling restart"
     assert all(info(n).get("master_link_status") == "up" for n in MEMBERS if n != new)
+
+
+def test_a_restart_an_interrupted_run_left_undone_is_made_by_the_next_run() -> None:
+    """A rolling restart cut off after the files were written leaves members on old settings; the next run
+    finds nothing to change in the files, so it must tell from their age that a restart is still due."""
+    master = wait_for("the three Sentinels naming one master", agreed_master, 60)
+    left = next(n for n in MEMBERS if n != master)
+    pids = {n: main_pid(n, "redis-server") for n in MEMBERS}
+    # What the cut-off run left on `left`: redis.conf newer than the running server (same content here).
+    member(left).check_output("sleep 1.1; touch /etc/redis/redis.conf")
+    # The value the rolling-restart test above left in place: the files themselves do not change.
+    run = run_playbook("cache_ha.yml", "-e", "redis_maxmemory=300mb")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "Queue the restart an earlier run left undone" in run.stdout
+    assert {n: main_pid(n, "redis-server") != pids[n] for n in MEMBERS} == {n: n == left for n in MEMBERS}
+    assert info(left).get("master_link_status") == "up"
+    # Done once: the run after it changes nothing.
+    again = run_playbook("cache_ha.yml", "-e", "redis_maxmemory=300mb")
+    recap = re.findall(r"^(gm-mol-ha-\d)\s*:\s*ok=\d+\s+changed=(\d+)", again.stdout, re.MULTILINE)
+    assert again.returncode == 0 and sorted(recap) == sorted((n, "0") for n in MEMBERS), again.stdout[-3000:]
