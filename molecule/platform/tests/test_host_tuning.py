@@ -1,4 +1,7 @@
-"""Verify quantnova.grandmodel.host_tuning and the drift check on a container host.
+"""Verify quantnova.grandmodel.host_tuning and the drift check on the platform scenario's container host.
+
+The platform tier (playbooks/platform.yml) applies host_tuning before docker and kubernetes on the same host, so
+these checks also prove the three roles leave each other's settings alone.
 
 The container shares this machine's kernel, so the role must leave every host-global setting
 alone and say so; the report is checked against the live kernel read independently here.
@@ -14,11 +17,11 @@ from pathlib import Path
 import pytest
 
 # podman exec is several times faster than an Ansible round trip per check.
-testinfra_hosts = ["ansible://gm-mol-host_tuning"]
+testinfra_hosts = ["ansible://gm-mol-platform"]
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent
 REPO = SCENARIO_DIR.parent.parent
-HOST = "gm-mol-host_tuning"
+HOST = "gm-mol-platform"
 REPORT = "/var/lib/grandmodel/host_tuning_report.json"
 SYSCTL_FILE = "/etc/sysctl.d/90-grandmodel-tuning.conf"
 LEGACY_TOOL = "/usr/local/libexec/grandmodel/host-tuning-report"  # the evaluator before host_tuning_info
@@ -199,7 +202,7 @@ def test_drift_check_passes_then_lists_each_difference(host):
         drifted = playbook(drift_check)
         output = drifted.stdout + drifted.stderr
         assert drifted.returncode != 0, output
-        assert "host tuning drift on gm-mol-host_tuning (2)" in output
+        assert "host tuning drift on gm-mol-platform (2)" in output
         assert "net.core.somaxconn: live 1024, want at least 4096" in output
         assert f"vm.swappiness: {SYSCTL_FILE} has 60, want 5" in output
     finally:
@@ -221,7 +224,9 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("extra_vars", "message"), BAD_INPUTS)
 def test_bad_input_is_rejected_with_a_clear_message(extra_vars, message):
-    proc = playbook(SCENARIO_DIR / "invalid_input.yml", "-e", json.dumps(extra_vars))
+    # The platform scenario's bad-input playbook applies one role: this one.
+    proc = playbook(SCENARIO_DIR / "invalid_input.yml", "-e",
+                    json.dumps({"role_under_test": "host_tuning", **extra_vars}))
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert message in output, output
