@@ -298,3 +298,36 @@ def test_a_refused_promotion_leaves_no_claim_and_check_mode_claims_nothing(tmp_p
     assert abort.returncode == 0, out[-3000:]
     assert json.loads((tmp_path / "state" / f"state.json.decision-{PLAN['id']}" / "by.json").read_text())[
         "decision"] == "abort"
+
+
+def test_a_decision_keeps_the_newest_claims_as_records_and_removes_the_older(tmp_path: Path) -> None:
+    # 12 claims of earlier releases, a minute apart, and a file that only looks like one: a decision kept with
+    # rollout_decision_claims_keep=5 leaves its own claim and the 4 newest earlier ones, and nothing else goes.
+    extra = held_split(tmp_path)
+    state_dir = tmp_path / "state"
+    earlier = []
+    for n in range(12):
+        claim = state_dir / f"state.json.decision-20261101T0900{n:02d}Z-2026.10.{n}"
+        claim.mkdir()
+        (claim / "by.json").write_text(json.dumps({"release": claim.name, "decision": "promote"}))
+        os.utime(claim, (1793000000 + 60 * n, 1793000000 + 60 * n))
+        earlier.append(claim)
+    bystander = state_dir / "state.json.decision-notes.txt"
+    bystander.write_text("an operator's file, not a claim directory")
+    run = decide(tmp_path, "abort", [*extra, "-e", "rollout_decision_claims_keep=5"], "decide")
+    out = " ".join(run.communicate(timeout=300)[0].split())
+    assert run.returncode == 0, out[-3000:]
+    own = state_dir / f"state.json.decision-{PLAN['id']}"
+    assert json.loads((own / "by.json").read_text())["decision"] == "abort"
+    assert sorted(p.name for p in state_dir.glob("state.json.decision-*") if p.is_dir()) == sorted(
+        [own.name, *(c.name for c in earlier[-4:])]), out[-3000:]
+    assert bystander.exists()
+
+
+def test_keeping_no_decision_claim_is_refused_before_the_release(tmp_path: Path) -> None:
+    proc = run_play(tmp_path, [role_tasks("preflight.yml")], "-e", json.dumps(
+        {"release_version": "2026.11.1", "rollout_decision_claims_keep": 0,
+         "rollout_colors": {"blue": {"port": 8001}, "green": {"port": 8002}}}))
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode != 0 and "rollout_decision_claims_keep (the decisions kept as records) must be 1" \
+        in said, said[-2000:]
