@@ -33,6 +33,7 @@ USERS = {"admin": ("grandmodel_admin", "redis_admin"), "app": ("grandmodel_app",
          "sentinel": ("sentinel", "redis_sentinel"), "replication": ("replication", "redis_replication")}
 WRITER = Path(__file__).with_name("redis_writer.py")
 STALE_CLIENT = Path(__file__).with_name("redis_stale_client.py")
+SENTINEL_DROPIN = "/etc/systemd/system/redis-sentinel.service.d/50-grandmodel.conf"
 
 
 def cli(host: str, *args: str, user: str = "admin", target: str = "socket") -> str:
@@ -298,18 +299,12 @@ def test_a_hung_master_is_replaced_and_a_write_reaching_it_afterwards_is_refused
     record(redis_hang_stale_queued_write_kept=cli(new, "SISMEMBER", KEY, f"{stale_member}-queued") == "1")
 
 
-def test_a_run_after_the_failover_changes_nothing_and_restarts_nothing() -> None:
-    master = wait_for("the three Sentinels naming one master", agreed_master, 60)
-    pids = {n: (main_pid(n, "redis-server"), main_pid(n, "redis-sentinel")) for n in MEMBERS}
-    begun = time.monotonic()
-    run = run_playbook("cache_ha.yml")
-    assert run.returncode == 0, run.stdout[-3000:]
-    record(redis_cache_ha_rerun_seconds=round(time.monotonic() - begun, 1))
-    recap = re.findall(r"^(gm-mol-ha-\d)\s*:\s*ok=\d+\s+changed=(\d+)", run.stdout, re.MULTILINE)
-    assert sorted(recap) == sorted((n, "0") for n in MEMBERS), run.stdout[-3000:]
-    assert agreed_master() == master
-    assert {n: (main_pid(n, "redis-server"), main_pid(n, "redis-sentinel")) for n in MEMBERS} == pids
-    assert all(info(n).get("master_host") == address(master) for n in MEMBERS if n != master)
+def sentinel_downtime(host: str) -> tuple[int, int]:
+    """When redis-sentinel last began to stop and when it was up again (microseconds, kernel monotonic clock)."""
+    out = member(host).check_output("systemctl show -p ActiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic "
+                                    "redis-sentinel")
+    values = dict(line.split("=", 1) for line in out.splitlines())
+    return int(values["ActiveExitTimestampMonotonic"]), int(values["ActiveEnterTimestampMonotonic"])
 
 
 def started_at(host: str) -> int:
@@ -360,21 +355,44 @@ def test_a_setting_that_needs_a_restart_restarts_one_member_at_a_time_the_master
     assert all(info(n).get("master_link_status") == "up" for n in MEMBERS if n != new)
 
 
-def test_a_restart_an_interrupted_run_left_undone_is_made_by_the_next_run() -> None:
+def test_a_restart_an_interrupted_run_left_undone_is_made_and_the_run_after_changes_nothing() -> None:
     """A rolling restart cut off after the files were written leaves members on old settings; the next run
-    finds nothing to change in the files, so it must tell from their age that a restart is still due."""
+    finds nothing to change in the files, so it must tell from their age that a restart is still due. The same run
+    brings every host a changed Sentinel drop-in (as a new role version would): the Sentinels restart one at a
+    time, never two down at once."""
     master = wait_for("the three Sentinels naming one master", agreed_master, 60)
     left = next(n for n in MEMBERS if n != master)
     pids = {n: main_pid(n, "redis-server") for n in MEMBERS}
+    sentinels = {n: main_pid(n, "redis-sentinel") for n in MEMBERS}
     # What the cut-off run left on `left`: redis.conf newer than the running server (same content here).
     member(left).check_output("sleep 1.1; touch /etc/redis/redis.conf")
+    # And what a new version of the role brings to every host in the same run: a changed Sentinel drop-in.
+    for n in MEMBERS:
+        member(n).check_output(f"sed -i '1i # the drop-in of an older role version' {SENTINEL_DROPIN}")
     # The value the rolling-restart test above left in place: the files themselves do not change.
     run = run_playbook("cache_ha.yml", "-e", "redis_maxmemory=300mb")
     assert run.returncode == 0, run.stdout[-3000:]
     assert "Queue the restart an earlier run left undone" in run.stdout
     assert {n: main_pid(n, "redis-server") != pids[n] for n in MEMBERS} == {n: n == left for n in MEMBERS}
     assert info(left).get("master_link_status") == "up"
-    # Done once: the run after it changes nothing.
+    # Every Sentinel restarted on the new drop-in, one at a time: by systemd's own clock of each unit (the
+    # containers share the kernel's monotonic clock), no Sentinel went down before the one before it was up.
+    assert all(main_pid(n, "redis-sentinel") != sentinels[n] for n in MEMBERS), sentinels
+    down = sorted(sentinel_downtime(n) for n in MEMBERS)
+    record(redis_sentinel_restart_windows_ms=[round((up - gone) / 1000, 1) for gone, up in down],
+           redis_sentinel_restart_spacing_ms=[round((b[0] - a[1]) / 1000, 1) for a, b in itertools.pairwise(down)])
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(down)), f"two Sentinels down at once: {down}"
+    assert agreed_master()
+    # Done once: the run after it changes nothing and restarts nothing. It also stands for a run after the
+    # failovers of this file (kill -9, hang, the rolling restart's handover): the Sentinels rewrote their own and the
+    # servers' files, and the role must not fight those rewrites (changed=0, the same PIDs, the same master).
+    master = wait_for("the three Sentinels naming one master", agreed_master, 60)
+    pids = {n: (main_pid(n, "redis-server"), main_pid(n, "redis-sentinel")) for n in MEMBERS}
+    begun = time.monotonic()
     again = run_playbook("cache_ha.yml", "-e", "redis_maxmemory=300mb")
+    record(redis_cache_ha_rerun_seconds=round(time.monotonic() - begun, 1))
     recap = re.findall(r"^(gm-mol-ha-\d)\s*:\s*ok=\d+\s+changed=(\d+)", again.stdout, re.MULTILINE)
     assert again.returncode == 0 and sorted(recap) == sorted((n, "0") for n in MEMBERS), again.stdout[-3000:]
+    assert agreed_master() == master
+    assert {n: (main_pid(n, "redis-server"), main_pid(n, "redis-sentinel")) for n in MEMBERS} == pids
+    assert all(info(n).get("master_host") == address(master) for n in MEMBERS if n != master)
