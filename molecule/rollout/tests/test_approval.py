@@ -14,7 +14,11 @@ from this machine through /proc and parsed with prometheus_client. Never the pla
    approval, webhooks for every step, the hold, the decision and the outcome;
 2. release 2026.11.0 to blue is held the same way at 50/50; under a change freeze a promotion is refused and an
    abort is not: every load balancer serves green (100%, the old colour) again with 0 failed requests, state
-   aborted. The scenario's next files expect blue live and green stopped: the test puts them back.
+   aborted;
+3. the same release held again, its colour killed (kill -9) during the hold and ready again after systemd's
+   restart: the promotion refuses the process its gates never measured, every load balancer serves green (100%)
+   again, blue is stopped, outcome aborted_switch, no request failed (at most one cut mid-answer).
+The scenario's next files expect blue live and green stopped: the module's fixture puts them back.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,18 @@ sys.path.insert(0, str(PROJECT / "scripts"))
 from frontdoor_load import LoadGenerator, Report  # noqa: E402
 
 # The scenario's hosts, files and helpers, as test_rollout.py and test_weighted_walk.py define them.
-from test_rollout import APP, LB, front_color, front_version, lb_file, playbook, records  # noqa: E402
+from test_rollout import (  # noqa: E402  # noqa: E402
+    APP,
+    LB,
+    assert_no_failed_request,
+    container_ip,
+    front_color,
+    front_version,
+    lb_file,
+    playbook,
+    records,
+    signal_colour,
+)
 from test_weighted_walk import UpstreamWatcher, lb_upstream, per_split, share, split_of  # noqa: E402
 from webhook_receiver import WebhookReceiver  # noqa: E402
 
@@ -91,10 +108,10 @@ def weights_of(split: str) -> dict[str, int]:
     return {c: int(w) for c, w in (item.split("=") for item in split.split() if "=" in item)}
 
 
-def held_then(release: str, then: list[tuple[str, list[str]]], hooks: Receiver,
+def held_then(release: str, then: list[tuple[str, list[str]] | Callable[[], Any]], hooks: Receiver,
               ) -> tuple[list[subprocess.CompletedProcess[str]], dict[str, Any], Report, UpstreamWatcher, float]:
     """Under one steady load: release `release` held for an approval, keep serving HELD_SECONDS, read the state,
-    then run each (playbook, args) of `then` in order."""
+    then run each (playbook, args) of `then` in order (a callable in `then` is called there: a fault)."""
     watcher = UpstreamWatcher()
     gen = LoadGenerator(port=28080, rate=RATE, workers=8, seconds=900, max_requests=200_000)
     watcher.start()
@@ -109,7 +126,11 @@ def held_then(release: str, then: list[tuple[str, list[str]]], hooks: Receiver,
         if runs[0].returncode == 0:
             time.sleep(HELD_SECONDS)
             held = {"split": split_of(lb_upstream()), "metrics": state_metrics(), "front": front_color()}
-            for name, args in then:
+            for step in then:
+                if callable(step):
+                    step()
+                    continue
+                name, args = step
                 runs.append(playbook(name, "-e", json.dumps({"rollout_notify_webhooks": [hooks.url]}), *args))
     finally:
         elapsed = time.monotonic() - started
@@ -223,6 +244,58 @@ def test_a_held_release_is_aborted_during_a_freeze_a_promotion_is_not(host, rece
                            ("release_aborted_approval", None)], events
 
 
+def colour_ready(color: str, timeout: float = 120) -> float:
+    """Seconds until the colour's own /ready answers 200 (its port on the app host, not through the front door)."""
+    port = {"blue": 8001, "green": 8002}[color]
+    begun = time.monotonic()
+    while time.monotonic() - begun < timeout:
+        with contextlib.suppress(OSError), \
+                urllib.request.urlopen(f"http://{container_ip(APP)}:{port}/ready", timeout=2) as resp:
+            if resp.status == 200:
+                return time.monotonic() - begun
+        time.sleep(0.2)
+    raise AssertionError(f"{color} was not ready within {timeout} s")
+
+
+def test_a_held_release_whose_colour_was_killed_and_restarted_is_never_promoted(host, receiver):
+    """Held at 50/50 again (the second test's release to the same colour), the new colour is killed (kill -9) while
+    it serves half the requests; systemd starts it again and it answers ready, healthy to every probe. The
+    promotion must refuse it (it is not the process the steps' gates measured): every load balancer back to 100% of
+    the old colour, the new one stopped, outcome aborted_switch. The client's every answer is counted."""
+    old, new, release = START["new"], START["old"], START["old_release"]
+    assert front_color() == old
+    before = len(records(host))
+    moments: dict[str, Any] = {}
+
+    def kill_then_ready() -> None:
+        moments["killed_pids"] = signal_colour(new, signal.SIGKILL)
+        moments["ready_again_s"] = round(colour_ready(new), 1)
+
+    runs, held, report, watcher, elapsed = held_then(release, [
+        kill_then_ready,
+        ("rollout_approve.yml", ["-e", "rollout_decision=promote"]),
+    ], receiver)
+    case = figures("held_killed_then_promoted", report, watcher, elapsed, runs)
+    case.update(moments)
+    assert runs[0].returncode == 0 and len(runs) == 2, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
+    assert weights_of(held["split"]) == {old: 50, new: 50} and held["metrics"]["states"] == ["awaiting_approval"]
+    assert moments["killed_pids"], "the held colour had no process to kill"
+    promote = runs[1]
+    assert promote.returncode != 0, promote.stdout[-4000:]
+    assert f"stopped at the switch to {new}; every load balancer serves {old} again" in said_by(promote), \
+        said_by(promote)[-3000:]
+    assert split_of(lb_upstream()) == f"{old}=100" and front_color() == old
+    assert host.run(f"systemctl is-active grandmodel-model@{new}").stdout.strip() != "active"
+    written = records(host)[before:]
+    assert [r["outcome"] for r in written] == ["awaiting_approval", "aborted_switch"], written
+    # Half the requests went to the colour when it was killed: nginx retries an answer not begun on the other
+    # colour (proxy_next_upstream ... non_idempotent); at most one cut mid-answer, and never a 5xx.
+    summary = report.summary()
+    case["failed_by_status"] = {k: v for k, v in summary["by_status"].items() if k != "200"}
+    assert_no_failed_request(summary)
+    assert case["splits"][-1]["split"] == f"{old}=100", case["splits"]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def back_to_blue() -> Iterator[None]:
     """The scenario's next files start from the state this one found (converge's: blue live with 2026.11.0, green
@@ -231,6 +304,10 @@ def back_to_blue() -> Iterator[None]:
     with contextlib.suppress(Exception):
         subprocess.run(["podman", "exec", LB, "rm", "-f", FREEZE], check=False)
         if START and front_color() != START["old"]:
+            # The last test's release stops the colour it could not promote: switch_back.yml needs it running.
+            subprocess.run(["podman", "exec", APP, "systemctl", "start", f"grandmodel-model@{START['old']}"],
+                           check=False)
+            colour_ready(START["old"])
             proc = playbook("switch_back.yml", "-e", f"rollback_to={START['old']}")
             RESULTS["back_to_start"] = {"returncode": proc.returncode, "colour": front_color()}
         if START and START["new_was_active"] != "active":
