@@ -7,10 +7,11 @@ fresh-machine install test (scripts/fresh_machine.py), then each Molecule scenar
 hosts. Each step's full output goes to reports/<step>.log; a
 failed step's tail is printed right away. The last line reads "checks: N passed, N failed".
 
-Steps run in two lanes at once (--jobs 2, the default): the fresh-machine install (beside lint, sanity
-and pytest only), the execution environment's build, the rollout scenario (the longest, mostly waiting
-on gates and load, which runs a release inside that image), the common and host_tuning scenarios and the
-Kubernetes image in one lane; everything else in order in the other.
+Steps run in two lanes at once (--jobs 2, the default): lint, sanity and pytest in one lane; the
+fresh-machine install (beside those only), the execution environment's build and the rollout scenario (the
+longest, mostly waiting on gates and load, which runs a release inside that image) in the other. The other
+Molecule scenarios then go, longest first, to whichever lane is free first; the Kubernetes image runs last,
+after the rollout scenario.
 --jobs 3 moves the fresh-machine install and the data and ha scenarios to a third lane (faster, but
 the load reaches 5 to 7 on two cores and timing-sensitive tests have failed there: the firewall's
 commit-confirmed revert once missed its 15 s margin); --jobs 1 runs every step in order, alone (for
@@ -77,10 +78,14 @@ LANE_OF = {"execution-environment": 1, "molecule:rollout": 1, "k8s-image": 1,
 # lane 1 as the ha scenario grows by about 75 s (a rogue Sentinel, a hung Redis master).
 # 2026-12-04: the host_tuning scenario's checks moved into the platform scenario (the platform tier converges the
 # same role on its host), one create, converge, idempotence and destroy fewer.
-# ansible-lint (148 s in the rehearsal of 2026-12-04) then leads lane 1, before the fresh-machine install, which
-# still ends beside lint, sanity and pytest (about 600 s of lane 0) and never beside a Molecule scenario.
-TWO_LANES = {"ansible-lint": 1, "fresh-machine": 1, "molecule:data": 0, "molecule:common": 1,
-             "molecule:platform": 1}
+# 2026-12-04 06:45: the scenarios after the lanes' heads (lane 0: lint to pytest; lane 1: the fresh-machine install,
+# the execution environment, the rollout scenario) are taken from one shared queue, longest first, by whichever
+# lane is free first: the fixed split above missed by 150 to 300 s either way as steps grew, and the lanes' ends
+# now follow the machine of the day. Pool steps start only once the fresh-machine install is over (its nested
+# podman never runs beside a Molecule scenario). The Kubernetes image stays last in lane 1, after the rollout
+# scenario that builds the release it uses.
+TWO_LANES = {"ansible-lint": 0, "fresh-machine": 1, "molecule:rollout": 1}
+POOL = ["molecule:ha", "molecule:data", "molecule:monitoring", "molecule:common", "molecule:platform"]
 PRINT_LOCK = threading.Lock()
 
 
@@ -240,19 +245,58 @@ def main(argv: list[str] | None = None) -> int:
     else:
         lane_of = {i: (s.lane if args.jobs == 3 else TWO_LANES.get(s.name, s.lane if s.lane < 2 else 0))
                    for i, s in numbered}
-        lanes = [[(i, s) for i, s in numbered if lane_of[i] == lane] for lane in range(args.jobs)]
+        pooled = [] if args.jobs == 3 else sorted(
+            ((i, s) for i, s in numbered if s.name in POOL), key=lambda item: POOL.index(item[1].name))
+        in_pool = {i for i, _ in pooled}
+        lanes = [[(i, s) for i, s in numbered if lane_of[i] == lane and i not in in_pool]
+                 for lane in range(args.jobs)]
+        # Lane 1's steps after the rollout scenario (the Kubernetes image) run after the pool's share of that lane.
+        if pooled and len(lanes) > 1:
+            cut = next((n + 1 for n, (_, s) in enumerate(lanes[1]) if s.name == "molecule:rollout"), len(lanes[1]))
+            tail = lanes[1][cut:]
+            lanes[1] = lanes[1][:cut]
+        else:
+            tail = []
     done: dict[int, Result] = {}
     failed_once = threading.Event()
+    pool = list(pooled) if args.jobs == 2 else []
+    pool_lock = threading.Lock()
+    install_over = threading.Event()
+    if not any(s.name == "fresh-machine" for _, s in numbered) or args.jobs != 2:
+        install_over.set()
 
-    def run_lane(lane: list[tuple[int, Step]]) -> None:
+    def run_one(i: int, step: Step) -> None:
+        done[i] = run_step(step, i, len(steps))
+        if step.name == "fresh-machine":
+            install_over.set()
+        if not done[i].ok:
+            failed_once.set()
+
+    def run_lane(lane: list[tuple[int, Step]], after: list[tuple[int, Step]]) -> None:
         for i, step in lane:
             if args.fail_fast and failed_once.is_set():
                 return
-            done[i] = run_step(step, i, len(steps))
-            if not done[i].ok:
-                failed_once.set()
+            run_one(i, step)
+        while pool and not install_over.wait(5):
+            if args.fail_fast and failed_once.is_set():
+                return
+        while True:
+            with pool_lock:
+                if not pool:
+                    break
+                i, step = pool.pop(0)
+            if args.fail_fast and failed_once.is_set():
+                return
+            run_one(i, step)
+        for i, step in after:
+            if args.fail_fast and failed_once.is_set():
+                return
+            run_one(i, step)
 
-    threads = [threading.Thread(target=run_lane, args=(lane,)) for lane in lanes if lane]
+    if args.jobs == 1:
+        tail = []
+    threads = [threading.Thread(target=run_lane, args=(lane, tail if n == 1 else []))
+               for n, lane in enumerate(lanes) if lane or pool or (n == 1 and tail)]
     for thread in threads:
         thread.start()
     for thread in threads:
