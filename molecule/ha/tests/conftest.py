@@ -3,6 +3,7 @@ and the write-load client whose log of acknowledged commits the failover tests c
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -29,10 +30,14 @@ def secret(name: str) -> str:
 
 
 def member(name: str) -> Any:
-    return testinfra.get_host(f"podman://{name}")
+    """The member as the scenario reaches it: SSH with one persistent connection (testinfra's SSH backend for an
+    `ssh` connection in the inventory), about 0.05 s a command, where `podman exec` costs 0.4 s and more."""
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
 
 
+@functools.cache
 def address(name: str) -> str:
+    """The member's address (asked once: the containers keep theirs for the whole scenario)."""
     return str(member(name).check_output("hostname -I").split()[0])
 
 
