@@ -84,7 +84,7 @@ LANE_OF = {"execution-environment": 1, "molecule:rollout": 1, "k8s-image": 1,
 # now follow the machine of the day. Pool steps start only once the fresh-machine install is over (its nested
 # podman never runs beside a Molecule scenario). The Kubernetes image stays last in lane 1, after the rollout
 # scenario that builds the release it uses.
-TWO_LANES = {"ansible-lint": 0, "fresh-machine": 1, "molecule:rollout": 1}
+TWO_LANES = {"fresh-machine": 1}  # the rollout scenario is lane 1 by LANE_OF, every other step lane 0
 POOL = ["molecule:ha", "molecule:data", "molecule:monitoring", "molecule:common", "molecule:platform"]
 PRINT_LOCK = threading.Lock()
 
@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     numbered = list(enumerate(steps, 1))
+    tail: list[tuple[int, Step]] = []  # lane 1's steps after the shared queue (--jobs 2)
     if args.jobs == 1:
         lanes = [numbered]
     else:
@@ -255,8 +256,6 @@ def main(argv: list[str] | None = None) -> int:
             cut = next((n + 1 for n, (_, s) in enumerate(lanes[1]) if s.name == "molecule:rollout"), len(lanes[1]))
             tail = lanes[1][cut:]
             lanes[1] = lanes[1][:cut]
-        else:
-            tail = []
     done: dict[int, Result] = {}
     failed_once = threading.Event()
     pool = list(pooled) if args.jobs == 2 else []
@@ -293,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
                 return
             run_one(i, step)
 
-    if args.jobs == 1:
-        tail = []
     threads = [threading.Thread(target=run_lane, args=(lane, tail if n == 1 else []))
                for n, lane in enumerate(lanes) if lane or pool or (n == 1 and tail)]
     for thread in threads:
