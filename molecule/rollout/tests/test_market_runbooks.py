@@ -4,8 +4,8 @@ Pre-market sets the change freeze first, verifies the live colour's release (eac
 its manifest; health, readiness, /version and the golden samples on the colour's own port) and that the front door
 answers from it. The tests read the freeze file and the archives from the containers themselves and the live release
 from the front door, never from the playbook's word; a tampered artifact and a wrong expected version must be named.
-Post-market lifts the freeze and archives the day's journal once per day (the rollout scenario has no db or cache
-host, so its backups are proven in molecule/data).
+Post-market lifts the freeze, takes the ops host's PostgreSQL backup and reads it back, and archives the day's journal
+once per day (no cache host here: Redis snapshots and the failures of backups are proven in molecule/data).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resol
 FRONT = "http://127.0.0.1:28080"
 APP = "gm-mol-rollout-app"
 LB = "gm-mol-rollout-lb"
+OPS = "gm-mol-rollout-ops"  # the scenario's PostgreSQL (group db) and Prometheus
 FREEZE = "/etc/grandmodel/change-freeze.json"
 ARCHIVE_DIR = "/var/log/grandmodel/archive"
 
@@ -126,7 +127,11 @@ def test_post_market_lifts_the_freeze_and_archives_the_day_once(workdir: Path) -
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert not host_path(LB, FREEZE).exists()
     (report,) = [json.loads(p.read_text()) for p in workdir.glob("post/post_market-*/report.json")]
-    assert report["ok"] is True and report["backups"] == {}, report
+    assert report["ok"] is True and list(report["backups"]) == [f"{OPS} postgresql"], report
+    backup = report["backups"][f"{OPS} postgresql"]
+    # Read back: pg_restore --list names the data of the release records' table among others.
+    assert backup["readable"] is True and int(backup["tables"]) > 0, backup
+    assert host_path(OPS, backup["path"]).stat().st_size > 0, backup
     for host in (APP, LB):
         archive = report["archives"][host]
         path = host_path(host, archive["path"])

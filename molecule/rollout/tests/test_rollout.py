@@ -41,6 +41,7 @@ from frontdoor_load import LoadGenerator, Report  # noqa: E402
 FRONT = "http://127.0.0.1:28080"
 APP = "gm-mol-rollout-app"
 LB = "gm-mol-rollout-lb"
+OPS = "gm-mol-rollout-ops"  # the environment's PostgreSQL and Prometheus
 UPSTREAM = "/etc/nginx/grandmodel/upstream.conf"
 JOURNAL = "/etc/nginx/grandmodel/.upstream.conf.pending"
 LOCK = "/etc/nginx/grandmodel/.upstream.conf.lock"
@@ -449,7 +450,7 @@ def ee_playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
     image = f"localhost/grandmodel-ee:{EE_VERSION}"
     if subprocess.run(["podman", "image", "exists", image], check=False).returncode != 0:
         pytest.fail(f"the execution environment {image} is not built: run scripts/build_ee.py (a step of make test)")
-    for name_ in (APP, LB):  # an SSH server listening on the network, as on a real host
+    for name_ in (APP, LB, OPS):  # an SSH server listening on the network, as on a real host
         subprocess.run(["podman", "exec", name_, "sh", "-c", "mkdir -p /run/sshd && (pgrep -x sshd >/dev/null"
                         " || /usr/sbin/sshd -o ListenAddress=0.0.0.0)"], check=True, timeout=30)
     # What the job needs from this run, where uid 1000 can read it (molecule keeps its files under /root):
@@ -521,7 +522,15 @@ def test_a_release_a_switch_back_and_a_runbook_run_inside_the_execution_environm
     # written where the job may write (the project is mounted read-only, as AWX mounts it).
     reports = Path("/tmp/gm-mol-rollout-ee/reports")
     shutil.rmtree(reports, ignore_errors=True)  # an earlier run's reports
-    health = ee_playbook("runbooks/daily_health.yml", "-e", json.dumps({"runbook_reports_dir": str(reports)}))
+    # The ops host's Prometheus login: a host variable of the scenario, which the job's hosts file does not carry
+    # (AWX would take it from the inventory's vault); given in a file of the job, never on the command line.
+    login = Path("/tmp/gm-mol-rollout-ee/monitoring_login.json")
+    password = (Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "secrets/monitoring_web_password").read_text()
+    login.write_text(json.dumps({"monitoring_web_password": password.split()[0]}))
+    login.chmod(0o600)
+    os.chown(login, 1000, 0)
+    health = ee_playbook("runbooks/daily_health.yml", "-e", json.dumps({"runbook_reports_dir": str(reports)}),
+                         "-e", f"@{login}")
     assert health.returncode == 0, (health.stdout + health.stderr)[-3000:]
     (report,) = [json.loads(p.read_text()) for p in reports.glob("daily_health-*/report.json")]
     assert report["healthy"] is True and report["problems"] == [], report["problems"]

@@ -1,0 +1,276 @@
+"""Each weighted step judged by the environment's Prometheus against the old colour, and every release's record in
+PostgreSQL (issue 14 items 3 and 5), through the scenario's real nginx front door under load.
+
+The ops host runs the environment's Prometheus (the monitoring role: TLS, basic auth, both colours scraped every
+second) and PostgreSQL (the postgresql role: monitoring.deployments and its release-record login); molecule.yml
+turns the records on for every release of the scenario. Here the steps' analysis is on as an environment would set
+it (rollout_step_prometheus: the median latency at most 1.5 times the old colour's, at most 5 more points of
+errors), with 10 s step windows. An independent client on this machine sends steady predictions through the front
+door and logs every answer's status and serving colour; a watcher logs each split of the load balancer's upstream
+file (test_weighted_walk.py's). Runs after test_market_runbooks.py (blue serves 2026.11.0, green stopped) and leaves
+that state for test_rollback_version.py.
+
+1. a good release (2026.11.1 to green) walks 10%, 50%, 100%: each step's Prometheus analysis is successful with
+   its measurements in the record, 0 failed requests, and the record is in PostgreSQL once, as in the file;
+2. with PostgreSQL stopped, the idle blue is promoted while throttled to an eighth of a core (its processes moved
+   into a cgroup with a CFS quota of 1 ms per 8 ms, from this machine): it passes the pre-promotion and step gates'
+   absolute limits, and the Prometheus analysis of the 10% step fails on its latency against green's: every load
+   balancer serves green alone again, 0 failed requests; the record is kept in the file (the database is down);
+3. PostgreSQL started and blue's throttle removed, rollback.yml returns traffic to blue: its record and the one the
+   database missed are both in PostgreSQL, once each, with the outcomes of the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent"))
+sys.path.insert(0, str(PROJECT / "scripts"))
+
+from frontdoor_load import LoadGenerator, Report  # noqa: E402
+
+# The scenario's hosts and helpers, as test_rollout.py and test_weighted_walk.py define them.
+from test_rollout import APP, LB, OPS, colour_pids, container_pid, front_color, playbook, records  # noqa: E402
+from test_weighted_walk import UpstreamWatcher, lb_upstream, per_split, share, split_of  # noqa: E402
+
+RATE = 60.0
+CA_ON_LB = "/usr/local/share/gm-rollout-prometheus-ca.crt"
+STEPS = [10, 50, 100]
+# The throttled colour: its processes get 1 ms of CPU in every 8 ms (cgroup v1 CFS quota on this machine).
+THROTTLE = Path("/sys/fs/cgroup/cpu/gm-rollout-throttled")
+QUOTA_US, PERIOD_US = 1000, 8000
+THRESHOLDS = {"latency_ratio_max": 1.5, "error_ratio_delta_max": 0.05}
+RESULTS: dict[str, dict[str, Any]] = {}
+# The table's outcome for the file's (the rollout role's records_insert.sql).
+DB_OUTCOME = {"success": "promoted", "aborted_step": "aborted", "rolled_back": "rolled_back"}
+
+testinfra_hosts = [f"ansible://{APP}"]
+
+
+def analysis_vars() -> Path:
+    """The release's extra variables (with the web password, from a file of the run, not the command line)."""
+    password = (EPHEMERAL / "secrets" / "monitoring_web_password").read_text().split()[0]
+    path = EPHEMERAL / "release_analysis.json"
+    path.write_text(json.dumps({
+        "rollout_weight_steps": STEPS,
+        "rollout_step_analysis_seconds": 10,
+        "rollout_step_prometheus": {
+            "url": f"https://{OPS}:9090", "ca_path": CA_ON_LB, "username": "grandmodel", "password": password,
+            "latency_quantile": 0.5, "min_requests": 20, "thresholds": THRESHOLDS,
+        },
+    }))
+    path.chmod(0o600)
+    return path
+
+
+def on_ops(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", "exec", OPS, *argv], capture_output=True, text=True, check=check, timeout=120)
+
+
+def db_records(ids: list[str]) -> list[tuple[str, str, str]]:
+    """(id, outcome, to_version) of the rows of monitoring.deployments for these release ids, as the superuser reads
+    them."""
+    listed = ",".join(f"'{i}'" for i in ids)
+    out = on_ops("runuser", "-u", "postgres", "--", "psql", "-X", "-At", "-F", "|", "-d", "grandmodel", "-c",
+                 "SELECT gate_evidence->>'id', outcome, version FROM monitoring.deployments "
+                 f"WHERE gate_evidence->>'id' IN ({listed}) ORDER BY id").stdout
+    return [tuple(line.split("|")) for line in out.splitlines() if line]  # type: ignore[misc]
+
+
+def postgresql(action: str) -> None:
+    on_ops("systemctl", action, "postgresql@15-main")
+    if action == "start":
+        on_ops("sh", "-c", "for i in $(seq 60); do pg_isready -q -h 127.0.0.1 && exit 0; sleep 0.5; done; exit 1")
+
+
+def cpu_cgroup_of(pid: int) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
+    raise AssertionError(f"no cpu cgroup for {pid}")
+
+
+def throttle(color: str) -> None:
+    """Moves every process of the colour into a cgroup with a CFS quota (cgroup v1, as on this machine). Under
+    cgroup v2 the container's systemd owns its subtree: the quota is the unit's CPUQuota there (not run here)."""
+    if not THROTTLE.parent.is_dir():
+        subprocess.run(["podman", "exec", APP, "systemctl", "set-property", "--runtime", f"grandmodel-model@{color}",
+                        f"CPUQuota={100 * QUOTA_US // PERIOD_US}%", f"CPUQuotaPeriodSec={PERIOD_US // 1000}ms"],
+                       check=True)
+        return
+    pids = colour_pids(color)
+    assert pids, f"{color} runs no process to throttle"
+    assert cpu_cgroup_of(pids[0]) == cpu_cgroup_of(container_pid(APP)), "the colour has a cpu cgroup of its own"
+    THROTTLE.mkdir(exist_ok=True)
+    (THROTTLE / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+    (THROTTLE / "cpu.cfs_quota_us").write_text(str(QUOTA_US))
+    for pid in pids:
+        (THROTTLE / "cgroup.procs").write_text(str(pid))
+
+
+def unthrottle() -> None:
+    """Every process still in the throttled cgroup back to the app container's own, and the cgroup removed."""
+    if not THROTTLE.parent.is_dir():
+        subprocess.run(["podman", "exec", APP, "systemctl", "set-property", "--runtime", "grandmodel-model@blue",
+                        "CPUQuota=", "CPUQuotaPeriodSec="], check=False)
+        return
+    if not THROTTLE.exists():
+        return
+    home = cpu_cgroup_of(container_pid(APP))
+    for pid in (THROTTLE / "cgroup.procs").read_text().split():
+        with contextlib.suppress(OSError):
+            (home / "cgroup.procs").write_text(pid)
+    THROTTLE.rmdir()
+
+
+def under_load(*runs: tuple[str, list[str]]) -> tuple[list[subprocess.CompletedProcess[str]], Report,
+                                                        UpstreamWatcher, float]:
+    watcher = UpstreamWatcher()
+    gen = LoadGenerator(port=28080, rate=RATE, workers=8, seconds=900, max_requests=200_000)
+    watcher.start()
+    gen.start()
+    time.sleep(2.0)
+    started = time.monotonic()
+    done: list[subprocess.CompletedProcess[str]] = []
+    try:
+        for name, args in runs:
+            done.append(playbook(name, *args))
+    finally:
+        elapsed = time.monotonic() - started
+        time.sleep(2.0)
+        report = gen.stop()
+        watcher.stop.set()
+        watcher.join(timeout=5)
+    return done, report, watcher, elapsed
+
+
+def figures(case: str, runs: list[Any], report: Report, watcher: UpstreamWatcher, elapsed: float,
+            **extra: Any) -> dict[str, Any]:
+    RESULTS[case] = {"seconds": round(elapsed, 1), "requests": report.total, "failed": len(report.failed),
+                     "first_failures": [{"status": r.status, "error": r.error} for r in report.failed[:5]],
+                     "returncodes": [r.returncode for r in runs], "splits": per_split(report, watcher), **extra}
+    return RESULTS[case]
+
+
+def said(proc: subprocess.CompletedProcess[str]) -> str:
+    return " ".join((proc.stdout + proc.stderr).split())
+
+
+@pytest.fixture(scope="module")
+def vars_file() -> Iterator[Path]:
+    subprocess.run(["podman", "cp", str(EPHEMERAL / "secrets" / "pki" / "ca.crt"), f"{LB}:{CA_ON_LB}"], check=True)
+    path = analysis_vars()
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_a_good_release_passes_every_steps_prometheus_analysis_and_its_record_is_in_postgresql(host, vars_file):
+    assert front_color() == "blue"
+    before = len(records(host))
+    runs, report, watcher, elapsed = under_load(("rollout.yml", ["-e", "release_version=2026.11.1",
+                                                                 "-e", f"@{vars_file}"]))
+    case = figures("good_release", runs, report, watcher, elapsed)
+    assert runs[0].returncode == 0, said(runs[0])[-4000:]
+    assert front_color() == "green"
+    assert report.failed == [], case
+    splits = [s["split"] for s in case["splits"]]
+    assert "blue=90 green=10" in splits and "blue=50 green=50" in splits, case["splits"]
+    (record,) = records(host)[before:]
+    assert record["outcome"] == "success", record
+    walked = record["evidence"]["steps"]
+    assert [int(s["weight"]) for s in walked] == [10, 50], walked
+    analyses = [s["prometheus"] for s in walked]
+    case["analyses"] = analyses
+    for analysis in analyses:
+        assert analysis["outcome"] == "successful", analyses
+    # In PostgreSQL once, as in the file (the table names a success "promoted").
+    assert db_records([record["id"]]) == [(record["id"], "promoted", "2026.11.1")]
+
+
+def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_records_survive_the_database(
+        host, vars_file):
+    assert front_color() == "green"
+    before = records(host)
+    postgresql("stop")
+    try:
+        throttle("blue")
+        runs, report, watcher, elapsed = under_load(
+            ("rollout.yml", ["-e", "release_version=2026.11.0", "-e", "rollout_deploy=false",
+                             "-e", f"@{vars_file}"]))
+        case = figures("throttled_release", runs, report, watcher, elapsed, database="stopped")
+    finally:
+        unthrottle()
+        postgresql("start")
+    assert runs[0].returncode != 0, said(runs[0])[-4000:]
+    assert "aborted at weighted step 1 of 3 (10% to blue)" in said(runs[0]), said(runs[0])[-4000:]
+    assert split_of(lb_upstream()) == "green=100"
+    assert front_color() == "green"
+    splits = [s["split"] for s in case["splits"]]
+    assert "blue=50 green=50" not in splits, case["splits"]
+    assert share(case["splits"][-1], "green") == 100.0, case["splits"]
+    assert report.failed == [], case
+    (record,) = records(host)[len(before):]
+    assert record["outcome"] == "aborted_step", record
+    failed_step = record["evidence"]["failed_step"]
+    assert int(failed_step["step"]["weight"]) == 10, failed_step
+    analysis = failed_step["prometheus"]
+    case["analysis"] = analysis
+    assert analysis["outcome"] == "failed" and "latency_ratio_max" in analysis["message"], failed_step
+    blue, green = analysis["measurements"]["blue"], analysis["measurements"]["green"]
+    case["latency_ratio"] = round(blue["latency_ms"] / green["latency_ms"], 2)
+    assert case["latency_ratio"] > THRESHOLDS["latency_ratio_max"], analysis
+    # The absolute limits passed (the step gate's p99 under 1000 ms): only the comparison with green caught it.
+    (gate,) = failed_step["gate"].values()
+    assert gate["verdict"] == "passed", failed_step
+
+    # The database was down: the release went on and kept its record in the file only.
+    RESULTS["records"] = {"missed": record["id"]}
+    assert db_records([record["id"]]) == []
+
+    # Back to blue by rollback.yml: its record back-fills the one the database missed.
+    runs, report, watcher, elapsed = under_load(("rollback.yml", []))
+    back = figures("rollback_after", runs, report, watcher, elapsed)
+    assert runs[0].returncode == 0, said(runs[0])[-4000:]
+    assert front_color() == "blue"
+    assert report.failed == [], back
+    new = records(host)[len(before):]
+    assert [r["outcome"] for r in new] == ["aborted_step", "rolled_back"], new
+    in_db = db_records([r["id"] for r in new])
+    RESULTS["records"]["in_postgresql"] = in_db
+    assert sorted(in_db) == sorted((r["id"], DB_OUTCOME[r["outcome"]], r["to_version"]) for r in new), (in_db, new)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def back_to_blue() -> Iterator[None]:
+    """test_rollback_version.py starts from blue live with 2026.11.0 and green stopped."""
+    yield
+    with contextlib.suppress(Exception):
+        unthrottle()
+        postgresql("start")
+        if front_color() != "blue":
+            playbook("switch_back.yml", "-e", "rollback_to=blue")
+        subprocess.run(["podman", "exec", APP, "systemctl", "disable", "--now", "grandmodel-model@green"],
+                       check=False)
+    out = PROJECT / "reports" / "rollout-analysis.json"
+    with contextlib.suppress(OSError):
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(RESULTS, indent=2) + "\n")
+    print("\nsteps judged by Prometheus (case: failed/total, seconds; answers per split):")
+    for name, case in RESULTS.items():
+        if "splits" in case:
+            print(f"  {name}: {case['failed']}/{case['requests']}, {case['seconds']} s, runs {case['returncodes']}")
+            for step in case["splits"]:
+                print(f"    {step['split']}: {step['answers']} over {step['seconds']} s")
+    print(f"  records: {RESULTS.get('records')}")
