@@ -56,7 +56,14 @@ from test_rollout import (  # noqa: E402  # noqa: E402
     records,
     signal_colour,
 )
-from test_weighted_walk import UpstreamWatcher, lb_upstream, per_split, share, split_of  # noqa: E402
+from test_weighted_walk import (  # noqa: E402
+    UpstreamWatcher,
+    lb_upstream,
+    per_split,
+    report_cases,
+    share,
+    split_of,
+)
 from webhook_receiver import WebhookReceiver  # noqa: E402
 
 STATE_METRICS = "/var/lib/prometheus/node-exporter/grandmodel_rollout.prom"
@@ -313,13 +320,4 @@ def back_to_blue() -> Iterator[None]:
         if START and START["new_was_active"] != "active":
             subprocess.run(["podman", "exec", APP, "systemctl", "disable", "--now",
                             f"grandmodel-model@{START['new']}"], check=False)
-    out = PROJECT / "reports" / "rollout-approval.json"
-    with contextlib.suppress(OSError):
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(RESULTS, indent=2) + "\n")
-    print("\napproval before 100% (case: failed/total, seconds; answers per split):")
-    for name, case in RESULTS.items():
-        if "splits" in case:
-            print(f"  {name}: {case['failed']}/{case['requests']}, {case['seconds']} s, runs {case['returncodes']}")
-            for step in case["splits"]:
-                print(f"    {step['split']}: {step['answers']} over {step['seconds']} s")
+    report_cases(RESULTS, "rollout-approval", "approval before 100%")

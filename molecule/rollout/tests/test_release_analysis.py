@@ -27,8 +27,7 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,20 @@ PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resol
 EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent"))
 sys.path.insert(0, str(PROJECT / "scripts"))
 
-from frontdoor_load import LoadGenerator, Report  # noqa: E402
+from frontdoor_load import Report  # noqa: E402
 
 # The scenario's hosts and helpers, as test_rollout.py and test_weighted_walk.py define them.
 from test_rollout import APP, LB, OPS, colour_pids, container_pid, front_color, playbook, records  # noqa: E402
-from test_weighted_walk import UpstreamWatcher, lb_upstream, per_split, share, split_of  # noqa: E402
+from test_weighted_walk import (  # noqa: E402
+    UpstreamWatcher,
+    lb_upstream,
+    per_split,
+    report_cases,
+    share,
+    split_of,
+    under_load,
+)
 
-RATE = 60.0
 CA_ON_LB = "/usr/local/share/gm-rollout-prometheus-ca.crt"
 STEPS = [10, 50, 100]
 # The throttled colour: its processes get 1 ms of CPU in every 8 ms (cgroup v1 CFS quota on this machine).
@@ -135,25 +141,8 @@ def unthrottle() -> None:
     THROTTLE.rmdir()
 
 
-def under_load(*runs: tuple[str, list[str]]) -> tuple[list[subprocess.CompletedProcess[str]], Report,
-                                                        UpstreamWatcher, float]:
-    watcher = UpstreamWatcher()
-    gen = LoadGenerator(port=28080, rate=RATE, workers=8, seconds=900, max_requests=200_000)
-    watcher.start()
-    gen.start()
-    time.sleep(2.0)
-    started = time.monotonic()
-    done: list[subprocess.CompletedProcess[str]] = []
-    try:
-        for name, args in runs:
-            done.append(playbook(name, *args))
-    finally:
-        elapsed = time.monotonic() - started
-        time.sleep(2.0)
-        report = gen.stop()
-        watcher.stop.set()
-        watcher.join(timeout=5)
-    return done, report, watcher, elapsed
+def playbooks(*runs: tuple[str, list[str]]) -> Callable[[], list[subprocess.CompletedProcess[str]]]:
+    return lambda: [playbook(name, *args) for name, args in runs]
 
 
 def figures(case: str, runs: list[Any], report: Report, watcher: UpstreamWatcher, elapsed: float,
@@ -179,8 +168,8 @@ def vars_file() -> Iterator[Path]:
 def test_a_good_release_passes_every_steps_prometheus_analysis_and_its_record_is_in_postgresql(host, vars_file):
     assert front_color() == "blue"
     before = len(records(host))
-    runs, report, watcher, elapsed = under_load(("rollout.yml", ["-e", "release_version=2026.11.1",
-                                                                 "-e", f"@{vars_file}"]))
+    runs, report, watcher, elapsed = under_load(playbooks(("rollout.yml", ["-e", "release_version=2026.11.1",
+                                                                           "-e", f"@{vars_file}"])))
     case = figures("good_release", runs, report, watcher, elapsed)
     assert runs[0].returncode == 0, said(runs[0])[-4000:]
     assert front_color() == "green"
@@ -206,9 +195,9 @@ def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_
     postgresql("stop")
     try:
         throttle("blue")
-        runs, report, watcher, elapsed = under_load(
+        runs, report, watcher, elapsed = under_load(playbooks(
             ("rollout.yml", ["-e", "release_version=2026.11.0", "-e", "rollout_deploy=false",
-                             "-e", f"@{vars_file}"]))
+                             "-e", f"@{vars_file}"])))
         case = figures("throttled_release", runs, report, watcher, elapsed, database="stopped")
     finally:
         unthrottle()
@@ -240,7 +229,7 @@ def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_
     assert db_records([record["id"]]) == []
 
     # Back to blue by rollback.yml: its record back-fills the one the database missed.
-    runs, report, watcher, elapsed = under_load(("rollback.yml", []))
+    runs, report, watcher, elapsed = under_load(playbooks(("rollback.yml", [])))
     back = figures("rollback_after", runs, report, watcher, elapsed)
     assert runs[0].returncode == 0, said(runs[0])[-4000:]
     assert front_color() == "blue"
@@ -263,14 +252,5 @@ def back_to_blue() -> Iterator[None]:
             playbook("switch_back.yml", "-e", "rollback_to=blue")
         subprocess.run(["podman", "exec", APP, "systemctl", "disable", "--now", "grandmodel-model@green"],
                        check=False)
-    out = PROJECT / "reports" / "rollout-analysis.json"
-    with contextlib.suppress(OSError):
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(RESULTS, indent=2) + "\n")
-    print("\nsteps judged by Prometheus (case: failed/total, seconds; answers per split):")
-    for name, case in RESULTS.items():
-        if "splits" in case:
-            print(f"  {name}: {case['failed']}/{case['requests']}, {case['seconds']} s, runs {case['returncodes']}")
-            for step in case["splits"]:
-                print(f"    {step['split']}: {step['answers']} over {step['seconds']} s")
+    report_cases(RESULTS, "rollout-analysis", "steps judged by Prometheus")
     print(f"  records: {RESULTS.get('records')}")

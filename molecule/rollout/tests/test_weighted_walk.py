@@ -35,7 +35,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -59,6 +59,7 @@ WALK = ["-e", json.dumps({"rollout_weight_steps": STEPS})]
 SETTLE_S = 1.0  # old nginx workers may answer for up to a second after a reload
 TOLERANCE_POINTS = 6.0  # ~3 standard deviations of a 10% share over the ~200 answers of a step
 RESULTS: dict[str, dict[str, Any]] = {}
+T = TypeVar("T")
 
 testinfra_hosts = [f"ansible://{APP}"]
 
@@ -126,8 +127,9 @@ class UpstreamWatcher(threading.Thread):
             time.sleep(0.05)
 
 
-def release_under_load(*extra: str, act_on: str = "", act: Callable[[], Any] | None = None,
-                       ) -> tuple[subprocess.CompletedProcess[str], Report, UpstreamWatcher, float]:
+def under_load(run: Callable[[], T], act_on: str = "", act: Callable[[], Any] | None = None,
+               ) -> tuple[T, Report, UpstreamWatcher, float]:
+    """`run()` while the client sends RATE predictions/s through the front door and the watcher logs each split."""
     watcher = UpstreamWatcher(act_on, act)
     gen = LoadGenerator(port=28080, rate=RATE, workers=8, seconds=900, max_requests=200_000)
     watcher.start()
@@ -135,14 +137,33 @@ def release_under_load(*extra: str, act_on: str = "", act: Callable[[], Any] | N
     time.sleep(2.0)
     started = time.monotonic()
     try:
-        proc = playbook("rollout.yml", *WALK, *extra)
+        result = run()
     finally:
         elapsed = time.monotonic() - started
         time.sleep(2.0)
         report = gen.stop()
         watcher.stop.set()
         watcher.join(timeout=5)
-    return proc, report, watcher, elapsed
+    return result, report, watcher, elapsed
+
+
+def release_under_load(*extra: str, act_on: str = "", act: Callable[[], Any] | None = None,
+                       ) -> tuple[subprocess.CompletedProcess[str], Report, UpstreamWatcher, float]:
+    return under_load(lambda: playbook("rollout.yml", *WALK, *extra), act_on, act)
+
+
+def report_cases(results: dict[str, dict[str, Any]], name: str, title: str) -> None:
+    """reports/<name>.json, and each case's failed/total, seconds, runs and answers per split on stdout."""
+    out = PROJECT / "reports" / f"{name}.json"
+    with contextlib.suppress(OSError):
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{title} (case: failed/total, seconds; answers per split):")
+    for name_, case in results.items():
+        if "splits" in case:
+            print(f"  {name_}: {case['failed']}/{case['requests']}, {case['seconds']} s, runs {case['returncodes']}")
+            for step in case["splits"]:
+                print(f"    {step['split']}: {step['answers']} over {step['seconds']} s")
 
 
 def per_split(report: Report, watcher: UpstreamWatcher) -> list[dict[str, Any]]:
