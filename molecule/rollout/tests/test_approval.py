@@ -58,9 +58,10 @@ from test_rollout import (  # noqa: E402  # noqa: E402
 )
 from test_weighted_walk import (  # noqa: E402
     UpstreamWatcher,
+    case_figures,
     lb_upstream,
-    per_split,
     report_cases,
+    said_by,
     share,
     split_of,
 )
@@ -106,11 +107,6 @@ def state_metrics() -> dict[str, Any]:
             "changed": families["grandmodel_rollout_last_change_timestamp_seconds"].samples[0].value}
 
 
-def said_by(proc: subprocess.CompletedProcess[str]) -> str:
-    """What a playbook said, on one line: its report (stdout) and its failures (stderr, with ansible-core 2.19)."""
-    return " ".join((proc.stdout + proc.stderr).split())
-
-
 def weights_of(split: str) -> dict[str, int]:
     return {c: int(w) for c, w in (item.split("=") for item in split.split() if "=" in item)}
 
@@ -148,13 +144,6 @@ def held_then(release: str, then: list[tuple[str, list[str]] | Callable[[], Any]
     return runs, held, report, watcher, elapsed
 
 
-def figures(case: str, report: Report, watcher: UpstreamWatcher, elapsed: float, runs: list[Any]) -> dict[str, Any]:
-    RESULTS[case] = {"seconds": round(elapsed, 1), "requests": report.total, "failed": len(report.failed),
-                     "first_failures": [{"status": r.status, "error": r.error} for r in report.failed[:5]],
-                     "returncodes": [r.returncode for r in runs], "splits": per_split(report, watcher)}
-    return RESULTS[case]
-
-
 def test_a_release_held_before_100_percent_then_promoted_serves_every_request(host, receiver):
     live = front_version()
     old, old_release = live["color"], live["models"]["strategic"]["version"]
@@ -168,7 +157,7 @@ def test_a_release_held_before_100_percent_then_promoted_serves_every_request(ho
         ("rollout.yml", ["-e", f"release_version={other}"]),  # refused: a release awaits approval
         ("rollout_approve.yml", ["-e", "rollout_decision=promote"]),
     ], receiver)
-    case = figures("held_then_promoted", report, watcher, elapsed, runs)
+    case = case_figures(RESULTS, "held_then_promoted", report, watcher, elapsed, runs)
     assert runs[0].returncode == 0 and len(runs) == 3, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
     hold, refused, promote = runs
     said = said_by(hold)
@@ -228,7 +217,7 @@ def test_a_held_release_is_aborted_during_a_freeze_a_promotion_is_not(host, rece
         ], receiver)
     finally:
         subprocess.run(["podman", "exec", LB, "rm", "-f", FREEZE], check=False)
-    case = figures("held_then_aborted", report, watcher, elapsed, runs)
+    case = case_figures(RESULTS, "held_then_aborted", report, watcher, elapsed, runs)
     assert runs[0].returncode == 0 and len(runs) == 4, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
     _hold, freeze_on, promote, abort = runs
     assert weights_of(held["split"]) == {old: 50, new: 50} and held["metrics"]["states"] == ["awaiting_approval"]
@@ -282,7 +271,7 @@ def test_a_held_release_whose_colour_was_killed_and_restarted_is_never_promoted(
         kill_then_ready,
         ("rollout_approve.yml", ["-e", "rollout_decision=promote"]),
     ], receiver)
-    case = figures("held_killed_then_promoted", report, watcher, elapsed, runs)
+    case = case_figures(RESULTS, "held_killed_then_promoted", report, watcher, elapsed, runs)
     case.update(moments)
     assert runs[0].returncode == 0 and len(runs) == 2, runs[0].stdout[-4000:] + runs[0].stderr[-2000:]
     assert weights_of(held["split"]) == {old: 50, new: 50} and held["metrics"]["states"] == ["awaiting_approval"]

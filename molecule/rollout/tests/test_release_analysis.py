@@ -38,15 +38,14 @@ PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resol
 EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent"))
 sys.path.insert(0, str(PROJECT / "scripts"))
 
-from frontdoor_load import Report  # noqa: E402
 
 # The scenario's hosts and helpers, as test_rollout.py and test_weighted_walk.py define them.
 from test_rollout import APP, LB, OPS, colour_pids, container_pid, front_color, playbook, records  # noqa: E402
 from test_weighted_walk import (  # noqa: E402
-    UpstreamWatcher,
+    case_figures,
     lb_upstream,
-    per_split,
     report_cases,
+    said_by,
     share,
     split_of,
     under_load,
@@ -147,18 +146,6 @@ def playbooks(*runs: tuple[str, list[str]]) -> Callable[[], list[subprocess.Comp
     return lambda: [playbook(name, *args) for name, args in runs]
 
 
-def figures(case: str, runs: list[Any], report: Report, watcher: UpstreamWatcher, elapsed: float,
-            **extra: Any) -> dict[str, Any]:
-    RESULTS[case] = {"seconds": round(elapsed, 1), "requests": report.total, "failed": len(report.failed),
-                     "first_failures": [{"status": r.status, "error": r.error} for r in report.failed[:5]],
-                     "returncodes": [r.returncode for r in runs], "splits": per_split(report, watcher), **extra}
-    return RESULTS[case]
-
-
-def said(proc: subprocess.CompletedProcess[str]) -> str:
-    return " ".join((proc.stdout + proc.stderr).split())
-
-
 @pytest.fixture(scope="module")
 def vars_file() -> Iterator[Path]:
     subprocess.run(["podman", "cp", str(EPHEMERAL / "secrets" / "pki" / "ca.crt"), f"{LB}:{CA_ON_LB}"], check=True)
@@ -172,8 +159,8 @@ def test_a_good_release_passes_every_steps_prometheus_analysis_and_its_record_is
     before = len(records(host))
     runs, report, watcher, elapsed = under_load(playbooks(("rollout.yml", ["-e", "release_version=2026.11.1",
                                                                            "-e", f"@{vars_file}"])))
-    case = figures("good_release", runs, report, watcher, elapsed)
-    assert runs[0].returncode == 0, said(runs[0])[-4000:]
+    case = case_figures(RESULTS, "good_release", report, watcher, elapsed, runs)
+    assert runs[0].returncode == 0, said_by(runs[0])[-4000:]
     assert front_color() == "green"
     assert report.failed == [], case
     splits = [s["split"] for s in case["splits"]]
@@ -200,12 +187,12 @@ def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_
         runs, report, watcher, elapsed = under_load(playbooks(
             ("rollout.yml", ["-e", "release_version=2026.11.0", "-e", "rollout_deploy=false",
                              "-e", f"@{vars_file}"])))
-        case = figures("throttled_release", runs, report, watcher, elapsed, database="stopped")
+        case = case_figures(RESULTS, "throttled_release", report, watcher, elapsed, runs, database="stopped")
     finally:
         unthrottle()
         postgresql("start")
-    assert runs[0].returncode != 0, said(runs[0])[-4000:]
-    assert "aborted at weighted step 1 of 2 (10% to blue)" in said(runs[0]), said(runs[0])[-4000:]
+    assert runs[0].returncode != 0, said_by(runs[0])[-4000:]
+    assert "aborted at weighted step 1 of 2 (10% to blue)" in said_by(runs[0]), said_by(runs[0])[-4000:]
     assert split_of(lb_upstream()) == "green=100"
     assert front_color() == "green"
     splits = [s["split"] for s in case["splits"]]
@@ -232,8 +219,8 @@ def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_
 
     # Back to blue by rollback.yml: its record back-fills the one the database missed.
     runs, report, watcher, elapsed = under_load(playbooks(("rollback.yml", ["-e", f"rollout_records_db_host={OPS}"])))
-    back = figures("rollback_after", runs, report, watcher, elapsed)
-    assert runs[0].returncode == 0, said(runs[0])[-4000:]
+    back = case_figures(RESULTS, "rollback_after", report, watcher, elapsed, runs)
+    assert runs[0].returncode == 0, said_by(runs[0])[-4000:]
     assert front_color() == "blue"
     assert report.failed == [], back
     new = records(host)[len(before):]

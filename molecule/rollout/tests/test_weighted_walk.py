@@ -152,6 +152,20 @@ def release_under_load(*extra: str, act_on: str = "", act: Callable[[], Any] | N
     return under_load(lambda: playbook("rollout.yml", *WALK, *extra), act_on, act)
 
 
+def said_by(proc: subprocess.CompletedProcess[str]) -> str:
+    """What a playbook said, on one line: its report (stdout) and its failures (stderr, with ansible-core 2.19)."""
+    return " ".join((proc.stdout + proc.stderr).split())
+
+
+def case_figures(results: dict[str, dict[str, Any]], case: str, report: Report, watcher: UpstreamWatcher,
+                 elapsed: float, runs: list[Any], **extra: Any) -> dict[str, Any]:
+    """A case's figures in `results`: seconds, the client's answers and failures, the runs' exit codes, each split."""
+    results[case] = {"seconds": round(elapsed, 1), "requests": report.total, "failed": len(report.failed),
+                     "first_failures": [{"status": r.status, "error": r.error} for r in report.failed[:5]],
+                     "returncodes": [r.returncode for r in runs], "splits": per_split(report, watcher), **extra}
+    return results[case]
+
+
 def report_cases(results: dict[str, dict[str, Any]], name: str, title: str) -> None:
     """reports/<name>.json, and each case's failed/total, seconds, runs and answers per split on stdout."""
     out = PROJECT / "reports" / f"{name}.json"
@@ -234,7 +248,7 @@ def aborted_case(host: Any, case: str, act_on: str, act: Callable[[], Any], step
                      "splits": steps}
     assert watcher.fired_at is not None, proc.stdout[-4000:]
     assert proc.returncode != 0, proc.stdout[-4000:]
-    said = " ".join((proc.stdout + proc.stderr).split())
+    said = said_by(proc)
     assert f"aborted at weighted step {step} of 3 ({weight}% to blue)" in said, proc.stdout[-4000:]
     # Every load balancer is back at 100% old, with no backup line and no weights.
     assert split_of(lb_upstream()) == "green=100"
