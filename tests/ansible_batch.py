@@ -76,7 +76,7 @@ def local_inventory(hosts: Mapping[str, Mapping[str, Any]], groups: Mapping[str,
 
 JSON_ENV = {"ANSIBLE_NOCOLOR": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
             # profile_tasks (ansible.cfg) would print its timings into the JSON
-            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.json"}
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.json,quantnova.grandmodel.warm_plugins"}
 
 
 def run_json(args: list[str], env: Mapping[str, str] | None = None, timeout: int = 300) -> Batch:

@@ -73,7 +73,7 @@ def playbook(name: str, *extra: str, directory: Path = PROJECT / "playbooks") ->
 def module(host: str, name: str, args: dict[str, Any]) -> subprocess.Popen[str]:
     """Start one module run on a host with ansible (JSON output), as an operator or AWX would."""
     env = dict(os.environ, ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
-               ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json", NO_COLOR="1")
+               ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json,quantnova.grandmodel.warm_plugins", NO_COLOR="1")
     return subprocess.Popen([str(PROJECT / ".venv/bin/ansible"), host, "-i", os.environ["MOLECULE_INVENTORY_FILE"],
                              "-m", f"quantnova.grandmodel.{name}", "-a", json.dumps(args)],
                             cwd=PROJECT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
