@@ -28,7 +28,7 @@ def test_concurrent_requests_share_forward_passes() -> None:
                 executor,
                 max_batch_size=64,
                 max_wait_s=0.05,
-                on_batch=lambda out, _s: sizes.append(len(out)),
+                on_batch=lambda out, _s, _rows: sizes.append(len(out)),
             )
             batcher.start()
             requests = [np.full((1 + i % 3, 4, 2), float(i), dtype=np.float32) for i in range(40)]

@@ -23,6 +23,21 @@ log = logging.getLogger(__name__)
 class _Pending:
     inputs: np.ndarray
     future: asyncio.Future[BatchOutput]
+    probe: bool = False
+
+
+def _client_rows(batch: list[_Pending], samples: int) -> np.ndarray | None:
+    """Which rows of the batch answer clients (not release probes); None when all of them do."""
+    if not any(item.probe for item in batch):
+        return None
+    rows = np.ones(samples, dtype=bool)
+    offset = 0
+    for item in batch:
+        size = item.inputs.shape[0]
+        if item.probe:
+            rows[offset : offset + size] = False
+        offset += size
+    return rows
 
 
 class MicroBatcher:
@@ -38,6 +53,11 @@ class MicroBatcher:
     well. Event-loop timers have 1 ms resolution, too coarse for this, hence the yielding.
     A request larger than ``max_batch_size`` runs alone.
 
+    ``on_batch(output, seconds, client_rows)`` sees every forward pass; ``client_rows`` is None
+    when every row answers a client, else a mask that is False on the rows of requests
+    submitted with ``probe=True`` (a release gate's own requests, kept out of the prediction
+    statistics that compare the colours on client traffic).
+
     With ``executor=None`` the forward pass runs on the event loop's own thread (see the
     README's tail-latency section for when that is the better choice).
     """
@@ -52,7 +72,7 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_s: float,
         arrival_gap_s: float = 0.0003,
-        on_batch: Callable[[BatchOutput, float], None] | None = None,
+        on_batch: Callable[[BatchOutput, float, np.ndarray | None], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
@@ -86,11 +106,11 @@ class MicroBatcher:
                 await self._task
             self._task = None
 
-    async def submit(self, inputs: np.ndarray) -> BatchOutput:
+    async def submit(self, inputs: np.ndarray, *, probe: bool = False) -> BatchOutput:
         if self._task is None:
             raise RuntimeError("batcher is not running")
         future: asyncio.Future[BatchOutput] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, future))
+        self._queue.append(_Pending(inputs, future, probe))
         self._queued_samples += inputs.shape[0]
         self._outstanding += 1
         self._concurrency += self.EWMA_WEIGHT * (self._outstanding - self._concurrency)
@@ -155,7 +175,9 @@ class MicroBatcher:
                         item.future.set_exception(exc)
                 continue
             if self._on_batch is not None:
-                self._on_batch(output, loop.time() - started)
+                self._on_batch(
+                    output, loop.time() - started, _client_rows(batch, int(inputs.shape[0]))
+                )
             offset = 0
             for item in batch:
                 size = item.inputs.shape[0]

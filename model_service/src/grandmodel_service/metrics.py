@@ -47,6 +47,11 @@ CONNECTION_CLOSE_REASONS = (
     "concurrency_limit",
 )
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+#: Marks a release gate's own request (quantnova.grandmodel's modules send it; the front door
+#: removes it from client requests). Probes are counted apart from client traffic, so that a
+#: gate's requests do not shift the throughput, error ratio, latency or prediction mix that the
+#: release analysis compares between the colours.
+PROBE_HEADER = b"x-grandmodel-probe"
 
 
 class Metrics:
@@ -70,6 +75,14 @@ class Metrics:
             namespace=ns,
             registry=r,
             buckets=LATENCY_BUCKETS,
+        )
+        self.probe_requests = Counter(
+            "probe_requests_total",
+            "Requests of release gates and other probes (header X-GrandModel-Probe), by route, "
+            "method and status; not in http_requests_total",
+            ["route", "method", "status"],
+            namespace=ns,
+            registry=r,
         )
         self.inflight = Gauge(
             "http_requests_in_flight",
@@ -160,6 +173,9 @@ class Metrics:
 class MetricsMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware overhead): counts and times every HTTP request.
 
+    A probe (header X-GrandModel-Probe) is counted in probe_requests_total only, never in the
+    client series the release analysis reads.
+
     The route label is the matched route's template, or ``unmatched``, so label cardinality
     stays bounded whatever paths clients send.
     """
@@ -189,19 +205,23 @@ class MetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
-            key = (path, method, status)
-            counter = self._children.get(key)
-            if counter is None:
-                counter = self._children[key] = self.metrics.requests.labels(
-                    path, method, str(status)
-                )
-            counter.inc()
-            timer = self._timers.get((path, method))
-            if timer is None:
-                timer = self._timers[(path, method)] = self.metrics.request_duration.labels(
-                    path, method
-                )
-            timer.observe(time.perf_counter() - started)
+            if any(name == PROBE_HEADER and value for name, value in scope["headers"]):
+                self.metrics.probe_requests.labels(path, method, str(status)).inc()
+            else:
+                self._record(path, method, status, time.perf_counter() - started)
+
+    def _record(self, path: str, method: str, status: int, seconds: float) -> None:
+        key = (path, method, status)
+        counter = self._children.get(key)
+        if counter is None:
+            counter = self._children[key] = self.metrics.requests.labels(path, method, str(status))
+        counter.inc()
+        timer = self._timers.get((path, method))
+        if timer is None:
+            timer = self._timers[(path, method)] = self.metrics.request_duration.labels(
+                path, method
+            )
+        timer.observe(seconds)
 
 
 class PredictionStats(Collector):

@@ -92,11 +92,13 @@ class ModelSlot:
         observe = partial(metrics.observe_batch, self.name)
         record = partial(metrics.predictions.observe, self.name, color)
 
-        def on_batch(output: BatchOutput, seconds: float) -> None:
+        def on_batch(output: BatchOutput, seconds: float, client_rows: np.ndarray | None) -> None:
             observe(len(output), seconds)
             probabilities = output.probabilities
-            finite = np.isfinite(probabilities).all(axis=1) & np.isfinite(output.value)
-            record(probabilities if finite.all() else probabilities[finite])
+            keep = np.isfinite(probabilities).all(axis=1) & np.isfinite(output.value)
+            if client_rows is not None:  # a release gate's probes stay out of the prediction mix
+                keep &= client_rows
+            record(probabilities if keep.all() else probabilities[keep])
 
         self.batcher = MicroBatcher(
             model.predict,

@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,17 @@ sys.path.insert(0, str(PROJECT / "scripts"))
 
 
 # The scenario's hosts and helpers, as test_rollout.py and test_weighted_walk.py define them.
-from test_rollout import APP, LB, OPS, colour_pids, container_pid, front_color, playbook, records  # noqa: E402
+from test_rollout import (  # noqa: E402
+    APP,
+    LB,
+    OPS,
+    colour_pids,
+    container_ip,
+    container_pid,
+    front_color,
+    playbook,
+    records,
+)
 from test_weighted_walk import (  # noqa: E402
     case_figures,
     lb_upstream,
@@ -79,6 +91,23 @@ def analysis_vars() -> Path:
     }))
     path.chmod(0o600)
     return path
+
+
+def colour_counts(port: int) -> tuple[float, float]:
+    """(predict answers with status 200, predict probes) as the colour counted them on its own /metrics.
+
+    A gate's requests carry X-GrandModel-Probe and are counted apart (grandmodel_probe_requests_total), so the
+    client series hold exactly what clients were served: what Prometheus compares between the colours.
+    """
+    with urllib.request.urlopen(f"http://{container_ip(APP)}:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+
+    def total(series: str) -> float:
+        line = re.compile(rf'^{series}\{{[^}}]*route="/v1/models/[^"]+/predict"[^}}]*status="200"[^}}]*\}}\s+(\S+)',
+                          re.MULTILINE)
+        return sum(float(v) for v in line.findall(text))
+
+    return total("grandmodel_http_requests_total"), total("grandmodel_probe_requests_total")
 
 
 def on_ops(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -175,6 +204,13 @@ def test_a_good_release_passes_every_steps_prometheus_analysis_and_its_record_is
         assert analysis["outcome"] == "successful", analyses
     # In PostgreSQL once, as in the file (the table names a success "promoted").
     assert db_records([record["id"]]) == [(record["id"], "promoted", "2026.11.1")]
+    # Green started with this release: its client series count exactly the answers this client got from it, and
+    # the gates' golden predictions (pre-promotion and each step) only in its probe series.
+    served, probes = colour_counts(8002)
+    by_client = sum(1 for r in report.requests if r.ok and r.color == "green")
+    case["green_counted"] = {"client_series": served, "client_answers": by_client, "probe_series": probes}
+    assert served == by_client, case["green_counted"]
+    assert probes > 0, case["green_counted"]
 
 
 def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_records_survive_the_database(

@@ -174,13 +174,16 @@ def signal_colour(color: str, signum: int) -> list[int]:
 
 
 def health_probes(color_port: int) -> float | None:
-    """/health requests green's current process has answered (one per gate measurement)."""
+    """/health requests of the gates green's current process has answered (one per gate measurement).
+
+    The gates mark their requests (X-GrandModel-Probe): the service counts them in its probe series.
+    """
     try:
         with urllib.request.urlopen(f"http://{container_ip(APP)}:{color_port}/metrics", timeout=1) as resp:
             text = resp.read().decode()
     except OSError:
         return None
-    pattern = re.compile(r'^grandmodel_http_requests_total\{[^}]*route="/health"[^}]*\}\s+(\S+)', re.MULTILINE)
+    pattern = re.compile(r'^grandmodel_probe_requests_total\{[^}]*route="/health"[^}]*\}\s+(\S+)', re.MULTILINE)
     return sum(float(v) for v in pattern.findall(text))
 
 

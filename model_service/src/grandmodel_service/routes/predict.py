@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from grandmodel_service.codec import RequestError, encode_binary, encode_json
 from grandmodel_service.engine import BatchOutput
+from grandmodel_service.metrics import PROBE_HEADER
 from grandmodel_service.runtime import ModelSlot, Runtime
 from grandmodel_service.schemas import ErrorResponse, PredictRequest, PredictResponse
 
@@ -63,6 +64,7 @@ class PredictEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         content_type = content_length = accept = shape = request_id = None
+        probe = False
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value
@@ -74,15 +76,19 @@ class PredictEndpoint:
                 shape = value
             elif name == b"x-request-id":
                 request_id = value
+            elif name == PROBE_HEADER:
+                probe = bool(value)
         if request_id is None or not self.shadow.accepts(request_id):
-            await self._serve(scope, receive, send, content_type, content_length, accept, shape)
+            await self._serve(
+                scope, receive, send, content_type, content_length, accept, shape, probe
+            )
             return
         # Shadow comparison (routes through the front door's mirror carry X-Request-ID): remember
         # what this colour answered, errors included, for GET /admin/shadow.
         started = time.perf_counter()
         try:
             probabilities = await self._serve(
-                scope, receive, send, content_type, content_length, accept, shape
+                scope, receive, send, content_type, content_length, accept, shape, probe
             )
         except RequestError as exc:
             self.shadow.add(request_id, self.slot.name, exc.status, started, None)
@@ -101,8 +107,13 @@ class PredictEndpoint:
         content_length: bytes | None,
         accept: bytes | None,
         shape: bytes | None,
+        probe: bool = False,
     ) -> Any:
-        """Answer one predict request; returns the (B, 3) probabilities it sent."""
+        """Answer one predict request; returns the (B, 3) probabilities it sent.
+
+        A probe (a release gate's own request, header X-GrandModel-Probe) is answered like any
+        other; its rows stay out of the per-colour prediction statistics.
+        """
         runtime, slot = self.runtime, self.slot
         if runtime.draining:
             raise RequestError(503, "draining", "service is draining; retry on another host")
@@ -142,7 +153,7 @@ class PredictEndpoint:
                 codec.check_mc_samples(inputs.shape[0], mc_passes)
                 output = await self._infer_mc(inputs, mc_passes)
             else:
-                output = await batcher.submit(inputs)
+                output = await batcher.submit(inputs, probe=probe)
         finally:
             runtime.request_finished()
         bad = output.first_non_finite()

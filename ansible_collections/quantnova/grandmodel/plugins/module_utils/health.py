@@ -158,6 +158,10 @@ def request_counts(text, exclude_routes=(), include=None):
     return counts
 
 
+#: Exported by a service that counts requests marked X-GrandModel-Probe (the gates') apart from clients.
+PROBE_METRIC = "grandmodel_probe_requests_total"
+
+
 def start_time(text):
     """The service process's start time (process_start_time_seconds), or None when it is not exported."""
     samples = parse_prometheus(text, START_TIME_METRIC)
@@ -184,9 +188,11 @@ def scrape_delta(before, now, restarted):
 class ErrorRateWindow:
     """The share of 5xx among live requests over a gate window, summed scrape by scrape.
 
-    Live requests are those of routes matching `routes` (the predict API) and not in `exclude_routes`;
-    the gate's own golden requests, which the service counts like any other, are taken out using the
-    gate's own tally of what it sent between two scrapes.
+    Live requests are those of routes matching `routes` (the predict API) and not in `exclude_routes`.
+    The gate marks its requests (X-GrandModel-Probe); a service that exports PROBE_METRIC counts them
+    apart, so its request series are client traffic only. A service that does not (releases before it)
+    counts the gate's golden requests like any other: they are taken out using the gate's own tally of
+    what it sent between two scrapes.
     """
 
     def __init__(self, routes=LIVE_ROUTES, exclude_routes=PROBE_ROUTES):
@@ -212,9 +218,10 @@ class ErrorRateWindow:
             errors, total = scrape_delta(self.previous, counts, restarted)
             own_total = float(sum(own.values()))
             own_errors = float(sum(n for status, n in own.items() if str(status).startswith("5")))
+            counted_apart = PROBE_METRIC in text
             # After a restart the service may have lost some of the gate's requests: never below zero.
-            self.requests += max(0.0, total - own_total)
-            self.errors += max(0.0, errors - own_errors)
+            self.requests += total if counted_apart else max(0.0, total - own_total)
+            self.errors += errors if counted_apart else max(0.0, errors - own_errors)
             self.own_requests += own_total
             self.own_errors += own_errors
         self.previous, self.previous_start = counts, started
@@ -494,7 +501,7 @@ class HealthGate:
                     response = self.client.post_json(url, {"inputs": sample["input"]}, timeout=timeout)
                 except HttpProbeError as exc:
                     raise CheckError(str(exc)) from exc
-                # The service counts the gate's own predictions as traffic: the error rate takes them out.
+                # A service without a probe series counts these as traffic: the error rate takes them out.
                 key = str(response.status)
                 self.own_since_scrape[key] = self.own_since_scrape.get(key, 0) + 1
                 state["predict_ms"].append(response.elapsed * 1000.0)

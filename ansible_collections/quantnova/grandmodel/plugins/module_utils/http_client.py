@@ -110,7 +110,10 @@ class HttpClient:
         return self._redirect_context
 
     def request(self, method, url, *, body=None, json_body=None, headers=None, timeout=None):
-        all_headers = {"User-Agent": "quantnova.grandmodel", "Accept": "application/json"}
+        # X-GrandModel-Probe: the inference service counts these requests apart from client traffic, so a
+        # gate's own probes do not shift the throughput, errors, latency and prediction mix it compares.
+        all_headers = {"User-Agent": "quantnova.grandmodel", "Accept": "application/json",
+                       "X-GrandModel-Probe": "quantnova.grandmodel"}
         all_headers.update(self.headers)
         if json_body is not None:
             body = json.dumps(json_body).encode("utf-8")

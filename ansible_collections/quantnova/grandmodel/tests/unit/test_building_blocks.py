@@ -161,6 +161,8 @@ def test_probes_send_their_headers_and_skip_proxy_and_netrc(
     headers = HttpClient(timeout=2).get(echo_server.url + "/echo").json()["headers"]
     assert "authorization" not in headers  # the ~/.netrc entry for 127.0.0.1 is not used
     assert headers["user-agent"] == "quantnova.grandmodel" and headers["accept"] == "application/json"
+    # The inference service counts a gate's own requests apart from client traffic (model_service/tests/test_probes.py).
+    assert headers["x-grandmodel-probe"] == "quantnova.grandmodel"
     assert headers["accept-encoding"] == "identity"  # as urllib sent it: no gzip to decode
 
 

@@ -215,6 +215,21 @@ def test_probes_and_the_gates_own_requests_do_not_dilute_the_rate() -> None:
     assert window.rate == 0.5
 
 
+def test_a_service_that_counts_probes_apart_is_not_subtracted_twice() -> None:
+    # The service exports grandmodel_probe_requests_total: the gate's golden requests (header
+    # X-GrandModel-Probe) are there, not in the client series, which hold the 10 client requests alone.
+    def counted_apart(counts: dict[tuple[str, str, str], float], probes: float) -> str:
+        return exposition(counts) + (
+            "# TYPE grandmodel_probe_requests_total counter\n"
+            f'grandmodel_probe_requests_total{{route="{LIVE[0]}",method="POST",status="200"}} {probes}\n')
+
+    window = ErrorRateWindow()
+    window.add(counted_apart({LIVE: 0.0}, 0.0), {})
+    window.add(counted_apart({LIVE: 5.0, ALIAS5: 5.0}, 6.0), {"200": 6, "500": 1})
+    assert (window.errors, window.requests, window.own_requests) == (5.0, 10.0, 6.0 + 1.0)
+    assert window.rate == 0.5
+
+
 @pytest.mark.parametrize(("values", "q", "expected"), [
     ([], 0.99, None),
     ([5.0], 0.99, 5.0),
