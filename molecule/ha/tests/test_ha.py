@@ -8,6 +8,7 @@ and playbooks/pg_rolling_restart.yml (the leader restarted last).
 
 from __future__ import annotations
 
+import shlex
 import time
 
 from conftest import (
@@ -22,6 +23,7 @@ from conftest import (
     record,
     roles,
     run_playbook,
+    secret,
     sql,
     wait_for,
 )
@@ -68,6 +70,35 @@ def test_endpoint_serves_the_leader_read_write_and_replicas_read_only() -> None:
         assert sql(name, "SELECT pg_is_in_recovery()", port=5001) == "t"
     assert sql(MEMBERS[0], "SHOW synchronous_commit") == "on"
     assert sql(MEMBERS[0], "SHOW password_encryption") == "scram-sha-256"
+
+
+def as_login(name: str, user: str, secret_name: str, query: str, port: int = 5000) -> str:
+    """A query through the endpoint on `name` to the application's database, as one of its logins."""
+    return str(member(name).check_output(
+        f"PGPASSWORD={shlex.quote(secret(secret_name))} psql -X -At -h 127.0.0.1 -p {port} "
+        f"-U {user} -d grandmodel -v ON_ERROR_STOP=1 -c {shlex.quote(query)}"))
+
+
+def test_the_application_database_is_made_on_the_leader_and_every_replica_has_it() -> None:
+    # data_ha.yml ran the postgresql role's logins, database, migrations and grants on the leader only: the
+    # replicas have them by replication, and the application's login reaches them through every endpoint.
+    applied = sql(leader(cluster()) or MEMBERS[0],
+                  "SELECT string_agg(version, ',' ORDER BY version) FROM grandmodel_schema_migrations")
+    record(application_migrations=applied)
+    for name in MEMBERS:
+        assert as_login(name, "grandmodel_app", "postgresql_app", "SELECT current_user") == "grandmodel_app"
+        replica = as_login(name, "grandmodel_ro", "postgresql_readonly",
+                           "SELECT pg_is_in_recovery(), count(*) FROM grandmodel_schema_migrations", port=5001)
+        assert replica == "t|4", replica
+    assert applied == "V001,V002,V003,V004"
+    # The release-record login may insert a deployment record and nothing else, as on a single server.
+    insert = ("INSERT INTO monitoring.deployments (release_id, service, version, environment, initiated_by) "
+              "VALUES (gen_random_uuid(), 'ha-probe', '0', 'molecule', 'test_ha')")
+    denied = member(MEMBERS[0]).run(
+        f"PGPASSWORD={shlex.quote(secret('postgresql_deployer'))} psql -X -At -h 127.0.0.1 -p 5000 "
+        "-U grandmodel_deployer -d grandmodel -c 'DELETE FROM monitoring.deployments'")
+    assert denied.rc != 0 and "permission denied" in denied.stderr, denied.stderr
+    assert as_login(MEMBERS[1], "grandmodel_deployer", "postgresql_deployer", insert) == "INSERT 0 1"
 
 
 def test_replication_login_from_outside_the_members_is_refused() -> None:
@@ -161,6 +192,25 @@ def test_switchover_playbook_moves_the_leader_with_a_short_gap() -> None:
     assert after and after != before
     assert not lost, lost[:20]
     assert gap < 15, f"{gap:.1f} s without a writable leader during a planned switchover"
+
+
+def test_the_application_database_follows_the_leader_and_a_rerun_changes_nothing() -> None:
+    # After the failover and the switchover above the leader is another member than at the first run: the
+    # application's part of data_ha.yml runs there now, finds everything replicated, and changes nothing.
+    now = leader(cluster())
+    run = run_playbook("data_ha.yml", "--tags", "data_ha_application")
+    assert run.returncode == 0, run.stdout[-3000:]
+    recap = {line.split()[0]: line for line in run.stdout.splitlines() if "changed=" in line and " : ok=" in line}
+    assert sorted(recap) == MEMBERS, run.stdout[-2000:]
+    assert all("changed=0" in line for line in recap.values()), recap
+    applied_on = {line.split("[")[1].split("]")[0] for line in run.stdout.splitlines()
+                  if line.startswith(("ok: [", "changed: [")) and "=>" not in line}
+    assert now in applied_on, run.stdout[-2000:]
+    granted = [block for block in run.stdout.split("TASK [")
+               if block.startswith("quantnova.grandmodel.postgresql : Ensure the application and read-only roles hold")]
+    assert granted and all(f"[{now}]" in block for block in granted), granted
+    assert all(f"[{other}]" not in block for block in granted for other in MEMBERS if other != now), granted
+    record(application_rerun_leader=now)
 
 
 def test_rolling_restart_restarts_every_member_and_the_leader_last() -> None:
