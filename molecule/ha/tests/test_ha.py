@@ -103,9 +103,34 @@ def test_the_application_database_is_made_on_the_leader_and_every_replica_has_it
 
 def test_replication_login_from_outside_the_members_is_refused() -> None:
     hba = member(MEMBERS[0]).check_output(f"runuser -u postgres -- cat {DATA_DIR}/pg_hba.conf")
-    replication = [line for line in hba.splitlines() if line.split()[:2] == ["host", "replication"]]
+    replication = [line for line in hba.splitlines() if line.split()[:2] == ["hostssl", "replication"]]
     assert len(replication) == 3 and all(line.split()[3].endswith("/32") for line in replication), hba
     assert all(line.split()[-1] == "scram-sha-256" for line in hba.splitlines() if line.startswith("host")), hba
+    # Only loopback may connect without TLS (patroni_tls): every other host line is hostssl.
+    plain = [line for line in hba.splitlines() if line.split()[:1] == ["host"]]
+    assert all(line.split()[3] == "127.0.0.1/32" for line in plain), hba
+
+
+def test_replication_and_clients_from_other_hosts_use_tls_and_plain_tcp_is_refused() -> None:
+    view = cluster()
+    now = leader(view)
+    assert now
+    # Both replicas stream over TLS, verified against the internal CA and the leader's address (verify-full).
+    streams = sql(now, "SELECT count(*) FILTER (WHERE s.ssl), count(*), min(s.version) "
+                       "FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)")
+    assert streams.split("|")[:2] == ["2", "2"], streams
+    assert sql(now, "SHOW ssl") == "on"
+    replica = next(m["name"] for m in view["members"] if m["name"] != now)
+    primary_conninfo = member(replica).check_output(
+        "runuser -u postgres -- psql -X -At -c \"SHOW primary_conninfo\"")
+    assert "sslmode=verify-full" in primary_conninfo and "sslrootcert=" in primary_conninfo, primary_conninfo
+    # A client through the endpoint without TLS is refused by pg_hba; with TLS it gets in.
+    plain = member(now).run(
+        f"PGPASSWORD={shlex.quote(secret('patroni_superuser'))} psql -X -At "
+        "'host=127.0.0.1 port=5000 user=postgres dbname=postgres sslmode=disable' -c 'SELECT 1'")
+    assert plain.rc != 0 and "no encryption" in plain.stderr, plain.stderr
+    assert sql(now, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == "t"
+    record(replication_tls=streams)
 
 
 def test_bad_input_is_refused_with_what_to_fix_and_changes_nothing() -> None:
