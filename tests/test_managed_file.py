@@ -92,6 +92,11 @@ def test_changes_check_mode_and_diff_tell_the_truth(work: Path) -> None:
         {"name": "mode only", MODULE: {"content": "same\n", "dest": f"{out}/attrs", "mode": "0600"}},
         {"name": "new file", MODULE: {"content": "fresh\n", "dest": f"{out}/absent", "mode": "0640"}},
     ]
+    # In check mode the directory an earlier task would create is not there: the file would be created in it.
+    in_new_dir = cases_run(work, [{"name": "in a new directory", MODULE: {
+        "content": "x\n", "dest": f"{out}/new_dir/file", "mode": "0644"}}], {"one": {}}, "--check")
+    assert not in_new_dir["one"].failed and in_new_dir["one"].stats["changed"] == 1, in_new_dir["one"]
+    assert not (out / "new_dir").exists()
     checked = cases_run(work, tasks, {"one": {}}, "--check", "--diff")
     assert not checked["one"].failed, checked["one"]
     assert checked["one"].stats["changed"] == 3

@@ -108,7 +108,8 @@ def tasks_of(document: Any) -> Iterator[tuple[dict[str, Any], bool]]:
     yield from walk(document if isinstance(document, list) else [], False)
 
 
-TEMPLATE_MODULES = {"template", "ansible.builtin.template"}
+# Modules that render a template (src) whose expressions --diff prints.
+TEMPLATE_MODULES = {"template", "ansible.builtin.template", "quantnova.grandmodel.managed_file"}
 JINJA = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
 
 

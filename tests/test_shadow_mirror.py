@@ -130,9 +130,10 @@ def render_role_template(prefix: Path, port: int, backends: dict[str, list[str]]
 
 
 def mirror_file_content(values: dict[str, Any], color: str) -> str:
-    """What the role's `shadow` entry point writes (its copy task's content, rendered)."""
+    """What the role's `shadow` entry point writes (its file task's content, rendered)."""
     tasks = yaml.safe_load((ROLE / "tasks" / "shadow.yml").read_text())
-    copy = next(task for task in tasks if "ansible.builtin.copy" in task)["ansible.builtin.copy"]
+    module = "quantnova.grandmodel.managed_file"
+    copy = next(task for task in tasks if module in task and "content" in task[module])[module]
     return jinja2.Template(copy["content"]).render(values, loadbalancer_shadow_color=color)
 
 

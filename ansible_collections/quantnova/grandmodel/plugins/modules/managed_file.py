@@ -257,6 +257,9 @@ def main() -> None:
     b_dest = to_bytes(dest, errors="surrogate_or_strict")
     directory = os.path.dirname(b_dest) or b"."
     if not os.path.isdir(directory):
+        if module.check_mode:  # an earlier task of the run creates it (in check mode it only said it would)
+            module.exit_json(changed=True, dest=dest, content_changed=True, size=len(wanted),
+                             msg=f"the directory of {dest} does not exist yet: the file would be created in it")
         module.fail_json(msg=f"the directory of {dest} does not exist: create it before writing the file")
     if os.path.islink(b_dest):
         module.fail_json(msg=f"{dest} is a symbolic link: managed_file writes regular files only; remove the link or "
