@@ -65,11 +65,11 @@ def leader(view: dict[str, Any]) -> str | None:
     return next((m["name"] for m in view["members"] if m["role"] == "leader" and m["state"] == "running"), None)
 
 
-def sql(name: str, query: str, port: int = 5000) -> str:
+def sql(name: str, query: str, port: int = 5000, database: str = "postgres") -> str:
     """A query through the endpoint (HAProxy on `name`), as the superuser over TCP (scram-sha-256)."""
     return str(member(name).check_output(
         f"PGPASSWORD={shlex.quote(secret('patroni_superuser'))} psql -X -At -h 127.0.0.1 -p {port} "
-        f"-U postgres -d postgres -v ON_ERROR_STOP=1 -c {shlex.quote(query)}"))
+        f"-U postgres -d {database} -v ON_ERROR_STOP=1 -c {shlex.quote(query)}"))
 
 
 def wait_for(what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:

@@ -83,13 +83,16 @@ def test_the_application_database_is_made_on_the_leader_and_every_replica_has_it
     # data_ha.yml ran the postgresql role's logins, database, migrations and grants on the leader only: the
     # replicas have them by replication, and the application's login reaches them through every endpoint.
     applied = sql(leader(cluster()) or MEMBERS[0],
-                  "SELECT string_agg(version, ',' ORDER BY version) FROM grandmodel_schema_migrations")
+                  "SELECT string_agg(version, ',' ORDER BY version) FROM grandmodel_schema_migrations",
+                  database="grandmodel")
     record(application_migrations=applied)
     for name in MEMBERS:
         assert as_login(name, "grandmodel_app", "postgresql_app", "SELECT current_user") == "grandmodel_app"
+        # On a replica the read-only login reads the application's tables and may not write them (its grants).
         replica = as_login(name, "grandmodel_ro", "postgresql_readonly",
-                           "SELECT pg_is_in_recovery(), count(*) FROM grandmodel_schema_migrations", port=5001)
-        assert replica == "t|4", replica
+                           "SELECT pg_is_in_recovery(), has_table_privilege('trading.trades', 'SELECT'), "
+                           "has_table_privilege('trading.trades', 'INSERT')", port=5001)
+        assert replica == "t|t|f", replica
     assert applied == "V001,V002,V003,V004"
     # The release-record login may insert a deployment record and nothing else, as on a single server.
     insert = ("INSERT INTO monitoring.deployments (release_id, service, version, environment, initiated_by) "
