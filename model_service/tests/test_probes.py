@@ -16,9 +16,9 @@ import orjson
 from fastapi.testclient import TestClient
 
 from grandmodel_service.batching import MicroBatcher
-from grandmodel_service.engine import BatchOutput
 
 from .conftest import matrix
+from .test_batching import _echo
 from .test_domain import _metric
 
 URL = "/v1/models/strategic/predict"
@@ -66,11 +66,6 @@ def test_an_empty_probe_header_counts_as_a_client(client: TestClient) -> None:
     labels = {"method": "POST", "route": URL, "status": "200"}
     assert _metric(text, "grandmodel_http_requests_total", **labels) == 1
     assert _predictions(text) == 1
-
-
-def _echo(inputs: np.ndarray) -> BatchOutput:
-    first = inputs[:, 0, 0]
-    return BatchOutput(np.repeat(first[:, None], 3, axis=1), first.copy())
 
 
 def test_a_batch_of_clients_and_probes_marks_exactly_the_probe_rows() -> None:
