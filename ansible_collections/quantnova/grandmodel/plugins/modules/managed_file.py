@@ -137,29 +137,18 @@ def _numeric_mode(mode: object) -> int | None:
     return None
 
 
-def _uid(module: AnsibleModule, owner: str | None, fallback: int) -> int:
-    if owner is None:
+def _account_id(module: AnsibleModule, kind: str, name: str | None, fallback: int) -> int:
+    """The number of an owner (kind "user") or group (kind "group") given by name or number."""
+    if name is None:
         return fallback
-    if owner.isdigit():
-        return int(owner)
+    if name.isdigit():
+        return int(name)
     try:
-        return pwd.getpwnam(owner).pw_uid
+        return pwd.getpwnam(name).pw_uid if kind == "user" else grp.getgrnam(name).gr_gid
     except KeyError:
-        module.fail_json(msg=f"owner {owner!r} for {module.params['dest']} does not exist on this host: "
-                         "create the user first")
-    raise AssertionError("unreachable")
-
-
-def _gid(module: AnsibleModule, group: str | None, fallback: int) -> int:
-    if group is None:
-        return fallback
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        module.fail_json(msg=f"group {group!r} for {module.params['dest']} does not exist on this host: "
-                         "create the group first")
+        label = "owner" if kind == "user" else "group"
+        module.fail_json(msg=f"{label} {name!r} for {module.params['dest']} does not exist on this host: "
+                         f"create the {kind} first")
     raise AssertionError("unreachable")
 
 
@@ -180,8 +169,8 @@ def _write_candidate(module: AnsibleModule, dest: str, data: bytes, before_stat:
     mode = _numeric_mode(params["mode"])
     if mode is None:
         mode = before_stat.st_mode & 0o7777 if before_stat else 0o600
-    uid = _uid(module, params["owner"], before_stat.st_uid if before_stat else -1)
-    gid = _gid(module, params["group"], before_stat.st_gid if before_stat else -1)
+    uid = _account_id(module, "user", params["owner"], before_stat.st_uid if before_stat else -1)
+    gid = _account_id(module, "group", params["group"], before_stat.st_gid if before_stat else -1)
     directory = os.path.dirname(dest) or "."
     fd, candidate = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=directory)
     try:
