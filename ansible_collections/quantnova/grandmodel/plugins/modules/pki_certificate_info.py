@@ -104,7 +104,7 @@ current:
   type: bool
   sample: true
 reasons:
-  description: What is not current (empty when O(current) is true).
+  description: What is not current (empty when RV(current) is true).
   returned: always
   type: list
   elements: str
@@ -172,7 +172,7 @@ def _read(path: str) -> bytes | None:
 
 def _normal_name(name: str) -> str:
     """A subject alternative name as C(DNS:<lower-case name>) or C(IP:<canonical address>)."""
-    kind, _, value = name.partition(":")
+    kind, _sep, value = name.partition(":")
     if kind == "IP":
         try:
             return f"IP:{ipaddress.ip_address(value)}"
