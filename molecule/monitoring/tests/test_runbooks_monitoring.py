@@ -160,8 +160,12 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
                               and a["labels"].get("instance") == NODE_TARGET], 60, "TargetDown in Alertmanager",
                      interval=1.0)
             marks["TargetDown fired"] = time.monotonic() - started
-            results["exporter-down"] = finish(start_runbook("daily_health", reports / "exporter-down"),
-                                              reports / "exporter-down", "daily_health")
+            down_runs = {"exporter-down": start_runbook("daily_health", reports / "exporter-down"),
+                         # the same state with the alert's name in daily_health_ignore_alerts
+                         "alert-ignored": start_runbook("daily_health", reports / "alert-ignored", "-e",
+                                                        json.dumps({"daily_health_ignore_alerts": ["TargetDown"]}))}
+            for name, proc in down_runs.items():
+                results[name] = finish(proc, reports / name, "daily_health")
         finally:
             monitored.check_output("systemctl start prometheus-node-exporter")
         marks["exporter-down run"] = time.monotonic() - started
@@ -254,6 +258,18 @@ def test_a_stopped_exporter_is_a_down_target_and_its_firing_alert_is_named(runs)
     assert "daily health: 2 problem(s)" in run["out"]
     text = (run["dir"] / "report.md").read_text()
     assert f"| TargetDown | critical | {NODE_TARGET} |" in text and "| node | 1 / 2 |" in text
+
+
+def test_an_ignored_alert_is_reported_and_not_a_problem(runs):
+    """daily_health_ignore_alerts (the sandbox lists the clock alert its machine always fires): the alert stays in
+    the report, only the problems leave it out; the down target it describes is still a problem."""
+    run = runs["alert-ignored"]
+    assert run["rc"] != 0
+    problems = run["report"]["problems"]
+    assert len(problems) == 1 and problems[0].startswith(f"gm-mol-monitoring: scrape target {NODE_TARGET} "), problems
+    alerts = run["report"]["monitoring"]["gm-mol-monitoring"]["alerts"]
+    assert any(a["name"] == "TargetDown" and a["instance"] == NODE_TARGET and a["state"] == "active"
+               for a in alerts), alerts
 
 
 def histogram_quantile(q: float) -> float:
