@@ -52,9 +52,9 @@ from frontdoor_load import sample_body  # noqa: E402
 from test_release_analysis import CA_ON_LB, analysis_vars, on_ops  # noqa: E402
 from test_rollout import (  # noqa: E402
     APP,
+    FRONT,
     LB,
     OPS,
-    FRONT,
     app,
     container_ip,
     container_pid,
@@ -111,9 +111,10 @@ def series(port: int) -> dict[str, float]:
     def total(pattern: str) -> float:
         return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
 
+    route = rf'route="{PREDICT}"'
     return {
-        "client": total(rf'^grandmodel_http_requests_total\{{[^}}]*route="{PREDICT}"[^}}]*status="200"[^}}]*\}}\s+(\S+)'),
-        "probe": total(rf'^grandmodel_probe_requests_total\{{[^}}]*route="{PREDICT}"[^}}]*\}}\s+(\S+)'),
+        "client": total(rf'^grandmodel_http_requests_total\{{[^}}]*{route}[^}}]*status="200"[^}}]*\}}\s+(\S+)'),
+        "probe": total(rf"^grandmodel_probe_requests_total\{{[^}}]*{route}[^}}]*\}}\s+(\S+)"),
         "predictions": total(r'^grandmodel_predictions_total\{[^}]*model="strategic"[^}]*\}\s+(\S+)'),
     }
 
@@ -144,15 +145,24 @@ def prometheus_ready(timeout: float = 60) -> bool:
 
 def release(vars_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     deploy = "true" if STATE.get("deploy") else "false"
-    proc = playbook("rollout.yml", "-e", f"release_version={RELEASE}", "-e", f"rollout_deploy={deploy}",
-                    "-e", f"@{vars_file}", *extra)
+    proc = playbook(
+        "rollout.yml",
+        "-e",
+        f"release_version={RELEASE}",
+        "-e",
+        f"rollout_deploy={deploy}",
+        "-e",
+        f"@{vars_file}",
+        *extra,
+    )
     if proc.returncode == 0 or "aborted at weighted step" in said_by(proc):
         STATE["deploy"] = False  # green holds the release now
     return proc
 
 
-def assert_aborted_at_the_first_step(host: Any, proc: subprocess.CompletedProcess[str], case: dict[str, Any],
-                                     before: int) -> dict[str, Any]:
+def assert_aborted_at_the_first_step(
+    host: Any, proc: subprocess.CompletedProcess[str], case: dict[str, Any], before: int
+) -> dict[str, Any]:
     """Aborted at step 1, blue alone in the upstream and through the front door, green never got more than 10%."""
     assert proc.returncode != 0, said_by(proc)[-4000:]
     assert "aborted at weighted step 1 of 2 (10% to green)" in said_by(proc), said_by(proc)[-4000:]
@@ -203,12 +213,17 @@ def test_a_clients_probe_header_is_stripped_by_the_front_door_and_counted_as_cli
     through, direct = 25, 3
     before = series(8001)
     statuses = [predict(f"{FRONT}{PREDICT}", {"X-GrandModel-Probe": "1"}) for _ in range(through)]
-    statuses += [predict(f"http://{container_ip(APP)}:8001{PREDICT}", {"X-GrandModel-Probe": "1"})
-                 for _ in range(direct)]
+    statuses += [
+        predict(f"http://{container_ip(APP)}:8001{PREDICT}", {"X-GrandModel-Probe": "1"}) for _ in range(direct)
+    ]
     after = series(8001)
     delta = {k: after[k] - before[k] for k in after}
-    RESULTS["probe_header_from_a_client"] = {"seconds": round(time.monotonic() - started, 1),
-                                             "through_front_door": through, "direct": direct, "delta": delta}
+    RESULTS["probe_header_from_a_client"] = {
+        "seconds": round(time.monotonic() - started, 1),
+        "through_front_door": through,
+        "direct": direct,
+        "delta": delta,
+    }
     assert statuses == [200] * (through + direct)
     # Through the front door: clients (the header dropped); to the colour's own port: a probe, as a gate's.
     assert delta == {"client": through, "probe": direct, "predictions": through}, delta
@@ -228,8 +243,9 @@ def test_prometheus_stopped_during_a_steps_analysis_aborts_the_release(host, var
     finally:
         on_ops("systemctl", "start", "prometheus")
         restarted = prometheus_ready()
-    case = case_figures(RESULTS, "prometheus_stopped_mid_step", report, watcher, elapsed, [proc],
-                        deployed=STATE["deployed"])
+    case = case_figures(
+        RESULTS, "prometheus_stopped_mid_step", report, watcher, elapsed, [proc], deployed=STATE["deployed"]
+    )
     assert watcher.fired_at is not None, said_by(proc)[-4000:]
     assert report.failed == [], case
     failed_step = assert_aborted_at_the_first_step(host, proc, case, before)
@@ -260,8 +276,15 @@ def test_a_colour_hung_during_a_steps_window_is_never_promoted_and_recovers(host
         signal_colour("green", signal.SIGCONT)
         safety.cancel()
     continued = time.monotonic()
-    case = case_figures(RESULTS, "green_hung_mid_step", report, watcher, elapsed, [proc],
-                        hung_s=round(continued - moments.get("at", continued), 1))
+    case = case_figures(
+        RESULTS,
+        "green_hung_mid_step",
+        report,
+        watcher,
+        elapsed,
+        [proc],
+        hung_s=round(continued - moments.get("at", continued), 1),
+    )
     assert moments.get("stopped_pids"), said_by(proc)[-4000:]
     assert report.failed == [], case
     failed_step = assert_aborted_at_the_first_step(host, proc, case, before)
@@ -298,25 +321,32 @@ def test_two_releases_at_once_one_takes_the_lock_the_other_is_refused(host):
     lost = [r for r in runs if r.returncode != 0]
     assert len(won) == 1 and len(lost) == 1, [said_by(r)[-2000:] for r in runs]
     refusal = said_by(lost[0])
-    assert f"release {RELEASE} refused: another release run holds the release lock {APP}:{LOCK}" in refusal, \
-        refusal[-3000:]
+    assert f"release {RELEASE} refused: another release run holds the release lock {APP}:{LOCK}" in refusal, refusal[
+        -3000:
+    ]
     assert "Wait for it to end" in refusal
-    case["refusal"] = refusal[refusal.index("release 2026.11.1 refused"):][:400]
+    case["refusal"] = refusal[refusal.index("release 2026.11.1 refused") :][:400]
     # One release, one record, one flip: blue alone, then green with blue as its backup, and nothing else.
     assert front_color() == "green"
     (record,) = records(host)[before:]
     assert record["outcome"] == "success", record
     splits = [s["split"] for s in case["splits"]]
-    assert splits[splits.index("blue=100"):] == ["blue=100", "green=100 +backup blue"], case["splits"]
+    assert splits[splits.index("blue=100") :] == ["blue=100", "green=100 +backup blue"], case["splits"]
     assert report.failed == [], case
     assert not app_file(LOCK).exists(), "the release left its lock"
 
 
 def test_a_lock_left_by_a_dead_run_is_refused_as_stale_with_the_way_to_take_it_over(host):
     started = time.monotonic()
-    holder = {"id": "20261204T000000Z-2026.11.9-deadrun0", "release": "2026.11.9", "who": "ci",
-              "controller": "gone", "awx_job_id": "", "started": "2026-12-04T00:00:00Z",
-              "started_epoch": int(time.time()) - 7200}
+    holder = {
+        "id": "20261204T000000Z-2026.11.9-deadrun0",
+        "release": "2026.11.9",
+        "who": "ci",
+        "controller": "gone",
+        "awx_job_id": "",
+        "started": "2026-12-04T00:00:00Z",
+        "started_epoch": int(time.time()) - 7200,
+    }
     app("sh", "-c", f"printf '%s' '{json.dumps(holder)}' > {LOCK}")
     try:
         proc = playbook("rollout.yml", "-e", "release_version=2026.11.0")
@@ -324,11 +354,15 @@ def test_a_lock_left_by_a_dead_run_is_refused_as_stale_with_the_way_to_take_it_o
         left = app_file(LOCK).read_text() if app_file(LOCK).exists() else ""
         app("rm", "-f", LOCK)
     refusal = said_by(proc)
-    RESULTS["stale_lock"] = {"seconds": round(time.monotonic() - started, 1), "returncode": proc.returncode,
-                             "refusal": refusal[refusal.find("release 2026.11.0 refused"):][:600]}
+    RESULTS["stale_lock"] = {
+        "seconds": round(time.monotonic() - started, 1),
+        "returncode": proc.returncode,
+        "refusal": refusal[refusal.find("release 2026.11.0 refused") :][:600],
+    }
     assert proc.returncode != 0
-    assert "another release run holds the release lock" in refusal and "older than rollout_lock_stale_seconds" in \
-        refusal, refusal[-3000:]
+    assert (
+        "another release run holds the release lock" in refusal and "older than rollout_lock_stale_seconds" in refusal
+    ), refusal[-3000:]
     assert f"-e rollout_lock_break={holder['id']}" in refusal
     assert json.loads(left) == holder, "the refused run touched another run's lock"
     assert front_color() == "green"
