@@ -201,6 +201,7 @@ def green_idle() -> Iterator[None]:
     with contextlib.suppress(Exception):
         signal_colour("green", signal.SIGCONT)
         on_ops("systemctl", "start", "prometheus", check=False)
+        app("rm", "-f", LOCK, check=False)  # only after a failed case (the cases assert none is left)
         if front_color() != "blue":
             playbook("switch_back.yml", "-e", "rollback_to=blue")
         app("systemctl", "disable", "--now", "grandmodel-model@green", check=False)
