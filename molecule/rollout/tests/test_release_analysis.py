@@ -13,10 +13,12 @@ test_rollback_version.py.
 
 1. a good release (2026.11.1 to green) walks 10%, 100%: the 10% step's Prometheus analysis is successful with
    its measurements in the record, 0 failed requests, and the record is in PostgreSQL once, as in the file;
-2. with PostgreSQL stopped, the idle blue is promoted while throttled to an eighth of a core (its processes moved
-   into a cgroup with a CFS quota of 1 ms per 8 ms, from this machine): it passes the pre-promotion and step gates'
-   absolute limits, and the Prometheus analysis of the 10% step fails on its latency against green's: every load
-   balancer serves green alone again, 0 failed requests; the record is kept in the file (the database is down);
+2. with PostgreSQL stopped, the idle blue is promoted while throttled to a sixth of a core (its processes moved
+   into a cgroup with a CFS quota of 1 ms per 6 ms, from this machine), which makes its median latency about twice
+   green's (the issue's "2x worse" release; 2.0 to 2.2 in trials, 1 ms per 8 ms was 5.5 to 6.4): it passes the
+   pre-promotion and step gates' absolute limits, and the Prometheus analysis of the 10% step fails on its latency
+   against green's: every load balancer serves green alone again, 0 failed requests; the record is kept in the
+   file (the database is down);
 3. PostgreSQL started and blue's throttle removed, rollback.yml returns traffic to blue: its record and the one the
    database missed are both in PostgreSQL, once each, with the outcomes of the file.
 """
@@ -65,9 +67,11 @@ from test_weighted_walk import (  # noqa: E402
 
 CA_ON_LB = "/usr/local/share/gm-rollout-prometheus-ca.crt"
 STEPS = [10, 100]
-# The throttled colour: its processes get 1 ms of CPU in every 8 ms (cgroup v1 CFS quota on this machine).
+# The throttled colour: its processes get 1 ms of CPU in every 6 ms (cgroup v1 CFS quota on this machine), about
+# twice green's median latency in trials of the whole release (1 ms per 4 ms: 1.46, passed; per 5 ms: 2.01; per 6 ms:
+# 2.21; per 8 ms, before: 5.5 to 6.4).
 THROTTLE = Path("/sys/fs/cgroup/cpu/gm-rollout-throttled")
-QUOTA_US, PERIOD_US = 1000, 8000
+QUOTA_US, PERIOD_US = 1000, 6000
 THRESHOLDS = {"latency_ratio_max": 1.5, "error_ratio_delta_max": 0.05}
 RESULTS: dict[str, dict[str, Any]] = {}
 # The table's outcome for the file's (the rollout role's records_insert.sql).
@@ -245,6 +249,8 @@ def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_
     blue, green = analysis["measurements"]["blue"], analysis["measurements"]["green"]
     case["latency_ratio"] = round(blue["latency_ms"] / green["latency_ms"], 2)
     assert case["latency_ratio"] > THRESHOLDS["latency_ratio_max"], analysis
+    # About twice as slow, not the 4 to 6 times of a harsher throttle: the threshold's side of 2x is what is proven.
+    assert case["latency_ratio"] < 3.0, analysis
     # The absolute limits passed (the step gate's p99 under 1000 ms): only the comparison with green caught it.
     (gate,) = failed_step["gate"].values()
     assert gate["verdict"] == "passed", failed_step
