@@ -109,12 +109,12 @@ class WriteLoad:
     def stop_file(self) -> str:
         return f"/root/{self.unit}.stop"
 
-    def start(self, first_id: int) -> None:
+    def start(self, first_id: int, seconds: int = 120) -> None:
         subprocess.run(["podman", "cp", str(WRITER), f"{self.host}:/root/ha_writer.py"], check=True)
         member(self.host).check_output(
             f"rm -f {self.log} {self.stop_file}; systemd-run --unit={self.unit} "
             f"--setenv=PGPASSWORD={shlex.quote(secret('patroni_superuser'))} "
-            f"python3 /root/ha_writer.py --log {self.log} --stop-file {self.stop_file} --seconds 120 "
+            f"python3 /root/ha_writer.py --log {self.log} --stop-file {self.stop_file} --seconds {seconds} "
             f"--first-id {first_id}")
 
     def acknowledged(self) -> list[tuple[int, float]]:
