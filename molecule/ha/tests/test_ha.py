@@ -162,8 +162,9 @@ def test_kill_9_of_the_leader_under_write_load_loses_no_acknowledged_commit() ->
     old = leader(view)
     assert old
     refused = run_playbook("pg_failover_drill.yml")
-    assert refused.returncode != 0 and "confirm with -e pg_failover_drill_confirm=grandmodel" in " ".join(
-        refused.stdout.split()), refused.stdout[-2000:]
+    said_refused = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode != 0 and "confirm with -e pg_failover_drill_confirm=grandmodel" in said_refused, \
+        said_refused[-2000:]
     assert leader(cluster()) == old
     load = WriteLoad(writer_host(view), "ha-writer-failover")
     load.start(next_id(load.host))
