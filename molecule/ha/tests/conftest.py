@@ -23,6 +23,10 @@ FIGURES = EPHEMERAL / "ha-figures.json"
 MEMBERS = ["gm-mol-ha-1", "gm-mol-ha-2", "gm-mol-ha-3"]
 DATA_DIR = "/var/lib/postgresql/15/grandmodel"
 WRITER = Path(__file__).with_name("ha_writer.py")
+# TLS of etcd and Patroni's REST API (etcd_tls, patroni_tls): the internal CA and each member's certificates.
+PKI = "/etc/grandmodel/pki"
+ETCDCTL = (f"ETCDCTL_API=3 etcdctl --cacert={PKI}/ca.crt --cert={PKI}/etcd.crt --key={PKI}/etcd.key "
+           "--endpoints=https://127.0.0.1:2379")
 
 
 def secret(name: str) -> str:
@@ -47,10 +51,12 @@ def cluster(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     for name in MEMBERS:
         if name in exclude:
             continue
-        url = f"http://{address(name)}:8008/cluster"
+        url = f"https://{address(name)}:8008/cluster"
         run = member(name).run(
             "python3 -c " + shlex.quote(
-                f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=3).read().decode())"))
+                "import ssl, urllib.request; "
+                f"context = ssl.create_default_context(cafile='{PKI}/ca.crt'); "
+                f"print(urllib.request.urlopen({url!r}, timeout=3, context=context).read().decode())"))
         if run.rc == 0:
             return dict(json.loads(run.stdout))
         errors.append(f"{name}: {run.stderr[-300:]}")

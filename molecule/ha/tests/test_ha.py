@@ -14,8 +14,11 @@ import time
 
 from conftest import (
     DATA_DIR,
+    ETCDCTL,
     MEMBERS,
+    PKI,
     WriteLoad,
+    address,
     cluster,
     leader,
     longest_gap,
@@ -135,6 +138,36 @@ def test_replication_and_clients_from_other_hosts_use_tls_and_plain_tcp_is_refus
     assert plain.rc != 0 and "no encryption" in plain.stderr, plain.stderr
     assert sql(now, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == "t"
     record(replication_tls=streams)
+
+
+def test_etcd_and_the_rest_api_refuse_plain_http_and_etcd_refuses_clients_without_a_certificate() -> None:
+    """etcd (client 2379, peer 2380) serves only TLS clients presenting a certificate of the internal CA, and
+    Patroni's REST API only https: asked from another member (the network an attacker would be on), plain http and
+    a certificate-less client get nothing, while the members' own certificate gets an answer."""
+    target = address(MEMBERS[0])
+    host = member(MEMBERS[1])
+    curl = f"curl -sS -f -m 5 --cacert {PKI}/ca.crt"
+    client = f"--cert {PKI}/etcd.crt --key {PKI}/etcd.key"
+    for port in (2379, 2380):
+        plain = host.run(f"curl -sS -f -m 5 http://{target}:{port}/version")
+        assert plain.rc != 0 and "etcdserver" not in plain.stdout, (port, plain.stdout, plain.stderr)
+        no_cert = host.run(f"{curl} https://{target}:{port}/version")
+        assert no_cert.rc != 0 and "etcdserver" not in no_cert.stdout, (port, no_cert.stdout, no_cert.stderr)
+    assert "etcdserver" in host.check_output(f"{curl} {client} https://{target}:2379/version")
+    # etcdctl without a client certificate cannot even read, let alone write the leader key; with it, it can.
+    refused = host.run(f"ETCDCTL_API=3 etcdctl --dial-timeout=2s --command-timeout=3s --cacert={PKI}/ca.crt "
+                       f"--endpoints=https://{target}:2379 put /service/grandmodel/leader intruder")
+    assert refused.rc != 0, refused.stdout
+    refused = host.run(f"ETCDCTL_API=3 etcdctl --dial-timeout=2s --command-timeout=3s --cacert={PKI}/ca.crt "
+                       f"--endpoints=https://{target}:2379 get --prefix --keys-only /service/")
+    assert refused.rc != 0 and "/service/grandmodel/leader" not in refused.stdout, refused.stdout
+    assert "/service/grandmodel/leader" in host.check_output(f"{ETCDCTL} get --prefix --keys-only /service/")
+    # The REST API: https only, verified against the internal CA and the member's address.
+    plain = host.run(f"curl -sS -f -m 5 http://{target}:8008/patroni")
+    assert plain.rc != 0 and "state" not in plain.stdout, (plain.stdout, plain.stderr)
+    assert '"state"' in host.check_output(f"{curl} https://{target}:8008/patroni")
+    # patronictl goes over TLS too (etcd with the client certificate, the REST API with the ctl section).
+    assert "grandmodel" in host.check_output("runuser -u postgres -- patronictl -c /etc/patroni/config.yml list")
 
 
 def test_bad_input_is_refused_with_what_to_fix_and_changes_nothing() -> None:

@@ -14,6 +14,7 @@ import time
 
 from conftest import (
     DATA_DIR,
+    ETCDCTL,
     MEMBERS,
     WriteLoad,
     cluster,
@@ -40,7 +41,7 @@ def streaming(view: dict) -> list[str]:
 
 
 def etcd_members(name: str) -> str:
-    return str(member(name).check_output("ETCDCTL_API=3 etcdctl member list"))
+    return str(member(name).check_output(f"{ETCDCTL} member list"))
 
 
 def backends(name: str, of: str) -> int:
