@@ -73,6 +73,7 @@ def build(image: str) -> bool:
     log(f"building {image} from {BASE_IMAGE} (ansible-builder + podman, offline; later builds reuse "
         "podman's layers)")
     with (BUILD / "build.log").open("w") as out:
+        before = image_id(image)
         proc = subprocess.run([str(BUILDER), "build", "-f", str(DEFINITION), "-c", str(BUILD / "context"),
                                "-t", image, "--container-runtime", "podman", "-v", "2"],
                               stdout=out, stderr=subprocess.STDOUT, cwd=REPO, check=False, timeout=1800)
@@ -83,7 +84,20 @@ def build(image: str) -> bool:
         return False
     size = run(["podman", "image", "inspect", "--format", "{{.Size}}", image]).stdout.strip()
     log(f"built {image} in {took:.0f}s ({int(size or 0) // 2**20} MiB)")
+    drop_replaced(before, image)
     return True
+
+
+def image_id(image: str) -> str:
+    proc = run(["podman", "image", "inspect", "--format", "{{.Id}}", image])
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def drop_replaced(before: str, image: str) -> None:
+    """The image this build's tag moved away from (a GB each run) is removed, unless a container still uses it."""
+    if before and before != image_id(image):
+        gone = run(["podman", "rmi", before]).returncode == 0
+        log(f"the previous {image} ({before[:12]}) {'removed' if gone else 'kept: still in use'}")
 
 
 CHECKS = [

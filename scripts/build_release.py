@@ -11,6 +11,9 @@ Both are skipped when already built for the same inputs. Options:
   --version V        model release version (required for artifacts)
   --seed N           init seed for the exported weights (default 7)
   --corrupt-golden   write a manifest whose golden answers are wrong (to prove the gates refuse it)
+  --hidden W / --depth D
+                     a bigger model (trunk width W, D extra trunk layers): the same inputs and
+                     outputs, slower (the release analysis's "slower than the live colour" case)
   --wheelhouse-only / --artifacts-only
 """
 
@@ -97,15 +100,17 @@ def pack_wheelhouse() -> Path:
     return ARCHIVE
 
 
-def build_artifacts(version: str, seed: int, corrupt_golden: bool) -> Path:
+def build_artifacts(version: str, seed: int, corrupt_golden: bool, hidden: int | None = None,
+                    depth: int = 0) -> Path:
     out = BUILD / "releases" / version
     manifests = sorted(out.glob("*.manifest.json"))
     if len(manifests) >= 2:
         log(f"artifacts for {version} exist: {out}")
         return out
     out.mkdir(parents=True, exist_ok=True)
+    sizes = (["--hidden", str(hidden)] if hidden else []) + (["--depth", str(depth)] if depth else [])
     subprocess.run([str(VENV_BIN / "grandmodel-export"), "--out", str(out), "--version", version,
-                    "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
+                    "--seed", str(seed), *sizes], check=True, stdout=subprocess.DEVNULL)
     if corrupt_golden:
         # The artifact is intact (sha256 matches) but its recorded answers are wrong: the
         # service must refuse to become ready and the pre-promotion gate must stop the release.
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--corrupt-golden", action="store_true")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--depth", type=int, default=0)
     parser.add_argument("--wheelhouse-only", action="store_true")
     parser.add_argument("--artifacts-only", action="store_true")
     args = parser.parse_args(argv)
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.wheelhouse_only:
         if not args.version:
             parser.error("--version is required to build artifacts")
-        build_artifacts(args.version, args.seed, args.corrupt_golden)
+        build_artifacts(args.version, args.seed, args.corrupt_golden, args.hidden, args.depth)
     return 0
 
 

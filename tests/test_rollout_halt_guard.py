@@ -30,7 +30,7 @@ PLAY = """
 """
 
 CASES = [
-    (None, False),  # no directory at all: never halted on this load balancer
+    (None, False),  # no directory at all: never halted on this load balancer (and no warning about it)
     ([], False),
     (["README.txt"], False),  # nginx includes only *.conf
     (["00-emergency-stop.conf"], True),
@@ -46,6 +46,10 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Batch]:
     for index, (files, _refused) in enumerate(CASES):
         halt_dir = work / f"case{index}" / "halt.d"
         halt_dir.parent.mkdir()
+        # The front door's folder holds other *.conf files (the upstream, the shadow mirror): never a halt.
+        (halt_dir.parent / "upstream.conf").write_text("upstream x { server 127.0.0.1:1; }\n")
+        (halt_dir.parent / "shadow.d").mkdir()
+        (halt_dir.parent / "shadow.d" / "mirror.conf").write_text("mirror /x;\n")
         if files is not None:
             halt_dir.mkdir()
             for name in files:
@@ -72,6 +76,7 @@ def test_a_release_is_refused_exactly_while_a_halt_file_is_there(
     if not refused:
         assert not outcome.failed, outcome
         assert "All assertions passed" in output, outcome  # the guard ran and let the release go
+        assert "not a directory" not in batch.proc.stdout + batch.proc.stderr
         return
     assert files
     assert outcome.failed, outcome

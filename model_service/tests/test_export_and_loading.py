@@ -82,6 +82,36 @@ def test_export_from_state_dict(tmp_path: Path) -> None:
     )
 
 
+def test_a_bigger_model_exports_loads_and_answers_the_same_requests(tmp_path: Path) -> None:
+    """--hidden and --depth size the trunk; the service loads and verifies it like any release.
+
+    The shipped actors (depth 0) have no extra weights; sizes beyond the bounds are refused.
+    """
+    args = ["--out", str(tmp_path), "--model", "strategic", "--hidden", "32", "--depth", "3"]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "strategic.manifest.json").read_text())
+    assert manifest["architecture"]["hidden"] == 32
+    assert manifest["architecture"]["depth"] == 3
+    loaded = load_model(tmp_path / "strategic.manifest.json", "strategic")
+    out = loaded.predict(np.zeros((2, 48, 13), dtype=np.float32))
+    assert out.probabilities.shape == (2, 3)
+    keys = set(nets.build("strategic", seed=7).state_dict())
+    assert not any(k.startswith("deep.") for k in keys)
+    spec = nets.ModelSpec("strategic", bars=48, features=13, patch=4, depth=2)
+    deep = nets.build("strategic", seed=7, spec=spec)
+    assert {k for k in deep.state_dict() if k.startswith("deep.")} == {
+        "deep.0.weight",
+        "deep.0.bias",
+        "deep.1.weight",
+        "deep.1.bias",
+    }
+    with pytest.raises(ValueError, match="depth=999 must be between 0 and 256"):
+        export_model("strategic", tmp_path / "no", depth=999)
+    with pytest.raises(ValueError, match="hidden=0 must be between 1 and 4096"):
+        export_model("strategic", tmp_path / "no", hidden=0)
+    assert not (tmp_path / "no").exists()
+
+
 def test_tampered_artifact_is_refused(artifact_copy: Path) -> None:
     manifest = Manifest.read(artifact_copy / "strategic.manifest.json")
     data = bytearray(manifest.artifact_path.read_bytes())

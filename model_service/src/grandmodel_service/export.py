@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import logging
 import sys
@@ -22,6 +23,9 @@ from grandmodel_service.manifest import FORMAT_VERSION, sha256_hex, write_json
 log = logging.getLogger(__name__)
 
 DEFAULT_ATOL = 1e-5
+#: Bounds of the trunk sizes export accepts (a model far beyond them is a typo, not a release).
+MAX_HIDDEN = 4096
+MAX_DEPTH = 256
 
 
 def export_model(
@@ -35,16 +39,25 @@ def export_model(
     atol: float = DEFAULT_ATOL,
     training_data_path: Path | None = None,
     domain_margin: float = DEFAULT_MARGIN,
+    hidden: int | None = None,
+    depth: int = 0,
 ) -> Path:
     """Write ``<name>-<version>.pt`` and ``<name>.manifest.json`` into ``out_dir``.
 
     The manifest's ``input.domain`` is each feature's range in ``training_data_path`` (a
     ``numpy.save``d float array of shape (N, bars, features)) widened by ``domain_margin`` of
     the span on each side, or ``[-DEFAULT_BOUND, DEFAULT_BOUND]`` without training data.
+    ``hidden`` and ``depth`` size the trunk (default: the shipped actor's width, no extra layers):
+    a bigger model answers the same requests more slowly, as a heavier release would.
     """
     if name not in nets.SPECS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(nets.SPECS)}")
     spec = nets.SPECS[name]
+    if hidden is not None and not 1 <= hidden <= MAX_HIDDEN:
+        raise ValueError(f"{name}: hidden={hidden} must be between 1 and {MAX_HIDDEN}")
+    if not 0 <= depth <= MAX_DEPTH:
+        raise ValueError(f"{name}: depth={depth} must be between 0 and {MAX_DEPTH}")
+    spec = dataclasses.replace(spec, hidden=spec.hidden if hidden is None else hidden, depth=depth)
     training: np.ndarray | None = None
     if training_data_path is not None:
         try:
@@ -68,7 +81,7 @@ def export_model(
     state_dict = None
     if state_dict_path is not None:
         state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
-    model = nets.build(name, state_dict, seed)
+    model = nets.build(name, state_dict, seed, spec=spec)
     scripted = torch.jit.script(model)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
@@ -193,6 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MARGIN,
         help="widen each training range by this fraction of its span on each side",
     )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        help=f"trunk width (default: the shipped actor's; at most {MAX_HIDDEN})",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        help=f"extra trunk layers: a deeper, slower model (default 0; at most {MAX_DEPTH})",
+    )
     args = parser.parse_args(argv)
     configure_logging("INFO")
     state_dicts = _parse_named_paths("--state-dict", args.state_dict)
@@ -209,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 atol=args.atol,
                 training_data_path=training.get(name),
                 domain_margin=args.domain_margin,
+                hidden=args.hidden,
+                depth=args.depth,
             )
         except (DomainError, ValueError) as exc:
             log.error("export refused", extra={"model": name, "reason": str(exc)})

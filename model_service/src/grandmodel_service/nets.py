@@ -28,6 +28,9 @@ class ModelSpec:
     embed: int = 16
     hidden: int = 64
     dropout: float = 0.1
+    #: Extra hidden-to-hidden trunk layers after the first (0 for the shipped actors): a deeper,
+    #: slower model with the same inputs and outputs, e.g. the "twice as slow" test release.
+    depth: int = 0
 
     @property
     def input_shape(self) -> tuple[int, int]:
@@ -56,6 +59,7 @@ class PatchActor(nn.Module):
         self.n_actions = len(ACTIONS)
         self.embed = nn.Linear(self.patch_width, spec.embed)
         self.fc1 = nn.Linear(self.patches * spec.embed, spec.hidden)
+        self.deep = nn.ModuleList([nn.Linear(spec.hidden, spec.hidden) for _ in range(spec.depth)])
         self.fc2 = nn.Linear(spec.hidden, spec.hidden)
         self.policy = nn.Linear(spec.hidden, len(ACTIONS))
         self.value = nn.Linear(spec.hidden, 1)
@@ -63,7 +67,10 @@ class PatchActor(nn.Module):
     def _encode(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
         patches = torch.relu(self.embed(x.reshape(batch, self.patches, self.patch_width)))
-        return torch.relu(self.fc1(patches.reshape(batch, -1)))
+        hidden = torch.relu(self.fc1(patches.reshape(batch, -1)))
+        for layer in self.deep:
+            hidden = torch.relu(layer(hidden))
+        return hidden
 
     def _heads(self, hidden: Tensor, dropout_active: bool) -> tuple[Tensor, Tensor]:
         hidden = F.dropout(hidden, self.dropout_p, dropout_active)
@@ -87,9 +94,18 @@ class PatchActor(nn.Module):
         return logits.reshape(passes, batch, self.n_actions), value.reshape(passes, batch)
 
 
-def build(name: str, state_dict: dict[str, Tensor] | None = None, seed: int = 0) -> PatchActor:
-    """Build actor ``name`` in eval mode from ``state_dict``, or from ``seed`` when none."""
-    spec = SPECS[name]
+def build(
+    name: str,
+    state_dict: dict[str, Tensor] | None = None,
+    seed: int = 0,
+    *,
+    spec: ModelSpec | None = None,
+) -> PatchActor:
+    """Build actor ``name`` in eval mode from ``state_dict``, or from ``seed`` when none.
+
+    ``spec`` overrides the shipped ``SPECS[name]`` (same inputs and outputs, another size).
+    """
+    spec = spec or SPECS[name]
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

@@ -13,14 +13,20 @@ test_rollback_version.py.
 
 1. a good release (2026.11.1 to green) walks 10%, 100%: the 10% step's Prometheus analysis is successful with
    its measurements in the record, 0 failed requests, and the record is in PostgreSQL once, as in the file;
-2. with PostgreSQL stopped, the idle blue is promoted while throttled to a sixth of a core (its processes moved
-   into a cgroup with a CFS quota of 1 ms per 6 ms, from this machine), which makes its median latency about twice
-   green's (the issue's "2x worse" release; 2.0 to 2.2 in trials, 1 ms per 8 ms was 5.5 to 6.4): it passes the
-   pre-promotion and step gates' absolute limits, and the Prometheus analysis of the 10% step fails on its latency
-   against green's: every load balancer serves green alone again, 0 failed requests; the record is kept in the
-   file (the database is down);
-3. PostgreSQL started and blue's throttle removed, rollback.yml returns traffic to blue: its record and the one the
-   database missed are both in PostgreSQL, once each, with the outcomes of the file.
+2. with PostgreSQL stopped, a slower model (2026.11.3-slow: the same inputs and outputs, 40 more trunk layers,
+   two to three times green's median latency per request: the issue's "2x worse" release) is released to the idle
+   blue: it passes the pre-promotion and step gates' absolute limits, and the Prometheus analysis of the 10% step
+   fails on its latency against green's: every load balancer serves green alone again, 0 failed requests; the
+   record is kept in the file (the database is down);
+3. PostgreSQL started, rollback.yml to the named release 2026.11.0 redeploys it to blue through the gates and
+   switches: its record and the one the database missed are both in PostgreSQL, once each, with the outcomes of the
+   file.
+
+The slower release is a bigger model, not a throttled process: a CFS quota on the colour (1 ms of CPU per 6 ms, this
+test's first design) slowed a request only when it used up the quota, so its ratio to green fell with the machine's
+load (2.0 to 2.2 alone, 1.27 beside a CI lane: promoted, as the analysis should with that figure). More work per
+request slows every request by about the same factor whatever the load: the analysis measured 2.61 (load 2.9) and 2.24
+(load 7.8) with 40 extra layers, 2.71 and 2.82 with 48 (load 4.3 beside two busy processes, and 3.1).
 """
 
 from __future__ import annotations
@@ -48,9 +54,7 @@ from test_rollout import (  # noqa: E402
     APP,
     LB,
     OPS,
-    colour_pids,
     container_ip,
-    container_pid,
     front_color,
     playbook,
     records,
@@ -67,11 +71,8 @@ from test_weighted_walk import (  # noqa: E402
 
 CA_ON_LB = "/usr/local/share/gm-rollout-prometheus-ca.crt"
 STEPS = [10, 100]
-# The throttled colour: its processes get 1 ms of CPU in every 6 ms (cgroup v1 CFS quota on this machine), about
-# twice green's median latency in trials of the whole release (1 ms per 4 ms: 1.46, passed; per 5 ms: 2.01; per 6 ms:
-# 2.21; per 8 ms, before: 5.5 to 6.4).
-THROTTLE = Path("/sys/fs/cgroup/cpu/gm-rollout-throttled")
-QUOTA_US, PERIOD_US = 1000, 6000
+# The slower release (prepare.yml): 40 extra trunk layers of width 256, 2 to 3 times the live model's latency.
+SLOW_RELEASE = "2026.11.3-slow"
 THRESHOLDS = {"latency_ratio_max": 1.5, "error_ratio_delta_max": 0.05}
 RESULTS: dict[str, dict[str, Any]] = {}
 # The table's outcome for the file's (the rollout role's records_insert.sql).
@@ -134,46 +135,6 @@ def postgresql(action: str) -> None:
         on_ops("sh", "-c", "for i in $(seq 60); do pg_isready -q -h 127.0.0.1 && exit 0; sleep 0.5; done; exit 1")
 
 
-def cpu_cgroup_of(pid: int) -> Path:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(","):
-            return Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
-    raise AssertionError(f"no cpu cgroup for {pid}")
-
-
-def throttle(color: str) -> None:
-    """Moves every process of the colour into a cgroup with a CFS quota (cgroup v1, as on this machine). Under
-    cgroup v2 the container's systemd owns its subtree: the quota is the unit's CPUQuota there (not run here)."""
-    if not THROTTLE.parent.is_dir():
-        subprocess.run(["podman", "exec", APP, "systemctl", "set-property", "--runtime", f"grandmodel-model@{color}",
-                        f"CPUQuota={100 * QUOTA_US // PERIOD_US}%", f"CPUQuotaPeriodSec={PERIOD_US // 1000}ms"],
-                       check=True)
-        return
-    pids = colour_pids(color)
-    assert pids, f"{color} runs no process to throttle"
-    assert cpu_cgroup_of(pids[0]) == cpu_cgroup_of(container_pid(APP)), "the colour has a cpu cgroup of its own"
-    THROTTLE.mkdir(exist_ok=True)
-    (THROTTLE / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-    (THROTTLE / "cpu.cfs_quota_us").write_text(str(QUOTA_US))
-    for pid in pids:
-        (THROTTLE / "cgroup.procs").write_text(str(pid))
-
-
-def unthrottle() -> None:
-    """Every process still in the throttled cgroup back to the app container's own, and the cgroup removed."""
-    if not THROTTLE.parent.is_dir():
-        subprocess.run(["podman", "exec", APP, "systemctl", "set-property", "--runtime", "grandmodel-model@blue",
-                        "CPUQuota=", "CPUQuotaPeriodSec="], check=False)
-        return
-    if not THROTTLE.exists():
-        return
-    home = cpu_cgroup_of(container_pid(APP))
-    for pid in (THROTTLE / "cgroup.procs").read_text().split():
-        with contextlib.suppress(OSError):
-            (home / "cgroup.procs").write_text(pid)
-    THROTTLE.rmdir()
-
 
 def playbooks(*runs: tuple[str, list[str]]) -> Callable[[], list[subprocess.CompletedProcess[str]]]:
     return lambda: [playbook(name, *args) for name, args in runs]
@@ -217,19 +178,16 @@ def test_a_good_release_passes_every_steps_prometheus_analysis_and_its_record_is
     assert probes > 0, case["green_counted"]
 
 
-def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_records_survive_the_database(
+def test_a_slower_release_is_aborted_at_the_first_step_by_its_latency_and_the_records_survive_the_database(
         host, vars_file):
     assert front_color() == "green"
     before = records(host)
     postgresql("stop")
     try:
-        throttle("blue")
         runs, report, watcher, elapsed = under_load(playbooks(
-            ("rollout.yml", ["-e", "release_version=2026.11.0", "-e", "rollout_deploy=false",
-                             "-e", f"@{vars_file}"])))
-        case = case_figures(RESULTS, "throttled_release", report, watcher, elapsed, runs, database="stopped")
+            ("rollout.yml", ["-e", f"release_version={SLOW_RELEASE}", "-e", f"@{vars_file}"])), read_version=True)
+        case = case_figures(RESULTS, "slower_release", report, watcher, elapsed, runs, database="stopped")
     finally:
-        unthrottle()
         postgresql("start")
     assert runs[0].returncode != 0, said_by(runs[0])[-4000:]
     assert "aborted at weighted step 1 of 2 (10% to blue)" in said_by(runs[0]), said_by(runs[0])[-4000:]
@@ -239,6 +197,9 @@ def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_
     assert "blue=100 +backup green" not in splits and "blue=100" not in splits, case["splits"]
     assert share(case["splits"][-1], "green") == 100.0, case["splits"]
     assert report.failed == [], case
+    # The slower model served its 10% share (the client saw its version), then none.
+    served = {r.version for r in report.requests if r.ok and r.color == "blue"}
+    assert served == {SLOW_RELEASE}, served
     (record,) = records(host)[len(before):]
     assert record["outcome"] == "aborted_step", record
     failed_step = record["evidence"]["failed_step"]
@@ -249,8 +210,8 @@ def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_
     blue, green = analysis["measurements"]["blue"], analysis["measurements"]["green"]
     case["latency_ratio"] = round(blue["latency_ms"] / green["latency_ms"], 2)
     assert case["latency_ratio"] > THRESHOLDS["latency_ratio_max"], analysis
-    # About twice as slow, not the 4 to 6 times of a harsher throttle: the threshold's side of 2x is what is proven.
-    assert case["latency_ratio"] < 3.0, analysis
+    # Two to three times as slow, not ten: what is proven is the threshold's side of a "2x worse" release.
+    assert case["latency_ratio"] < 4.0, analysis
     # The absolute limits passed (the step gate's p99 under 1000 ms): only the comparison with green caught it.
     (gate,) = failed_step["gate"].values()
     assert gate["verdict"] == "passed", failed_step
@@ -259,8 +220,10 @@ def test_a_throttled_colour_is_aborted_at_the_first_step_by_its_latency_and_the_
     RESULTS["records"] = {"missed": record["id"]}
     assert db_records([record["id"]]) == []
 
-    # Back to blue by rollback.yml: its record back-fills the one the database missed.
-    runs, report, watcher, elapsed = under_load(playbooks(("rollback.yml", ["-e", f"rollout_records_db_host={OPS}"])))
+    # Back to blue with the release it had, by rollback.yml to that named release (redeployed to blue through the
+    # gates): its record back-fills the one the database missed.
+    runs, report, watcher, elapsed = under_load(playbooks(
+        ("rollback.yml", ["-e", "rollback_version=2026.11.0", "-e", f"rollout_records_db_host={OPS}"])))
     back = case_figures(RESULTS, "rollback_after", report, watcher, elapsed, runs)
     assert runs[0].returncode == 0, said_by(runs[0])[-4000:]
     assert front_color() == "blue"
@@ -277,7 +240,6 @@ def back_to_blue() -> Iterator[None]:
     """test_rollback_version.py starts from blue live with 2026.11.0 and green stopped."""
     yield
     with contextlib.suppress(Exception):
-        unthrottle()
         postgresql("start")
         if front_color() != "blue":
             playbook("switch_back.yml", "-e", "rollback_to=blue")
@@ -285,3 +247,4 @@ def back_to_blue() -> Iterator[None]:
                        check=False)
     report_cases(RESULTS, "rollout-analysis", "steps judged by Prometheus")
     print(f"  records: {RESULTS.get('records')}")
+    print(f"  slower release: median latency {RESULTS.get('slower_release', {}).get('latency_ratio')} times green's")

@@ -128,10 +128,12 @@ class UpstreamWatcher(threading.Thread):
 
 
 def under_load(run: Callable[[], T], act_on: str = "", act: Callable[[], Any] | None = None,
-               ) -> tuple[T, Report, UpstreamWatcher, float]:
-    """`run()` while the client sends RATE predictions/s through the front door and the watcher logs each split."""
+               read_version: bool = False) -> tuple[T, Report, UpstreamWatcher, float]:
+    """`run()` while the client sends RATE predictions/s through the front door and the watcher logs each split
+    (with read_version, each answer's release is kept too)."""
     watcher = UpstreamWatcher(act_on, act)
-    gen = LoadGenerator(port=28080, rate=RATE, workers=8, seconds=900, max_requests=200_000)
+    gen = LoadGenerator(port=28080, rate=RATE, workers=8, seconds=900, max_requests=200_000,
+                        read_version=read_version)
     watcher.start()
     gen.start()
     time.sleep(2.0)
