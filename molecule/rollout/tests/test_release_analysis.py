@@ -24,9 +24,10 @@ test_rollback_version.py.
 
 The slower release is a bigger model, not a throttled process: a CFS quota on the colour (1 ms of CPU per 6 ms, this
 test's first design) slowed a request only when it used up the quota, so its ratio to green fell with the machine's
-load (2.0 to 2.2 alone, 1.27 beside a CI lane: promoted, as the analysis should with that figure). More work per
-request slows every request by about the same factor whatever the load: the analysis measured 2.61 (load 2.9) and 2.24
-(load 7.8) with 40 extra layers, 2.71 and 2.82 with 48 (load 4.3 beside two busy processes, and 3.1).
+load (2.0 to 2.2 alone; promoted in CI, and 1.27 when reproduced beside two busy processes: promoting is right
+for that figure). More work per request slows every request by about the same factor whatever the load: the
+analysis measured 2.61 (load 2.9) and 2.24 (load 7.8) with 40 extra layers, 2.71 and 2.82 with 48 (load 4.3 beside
+two busy processes, and 3.1).
 """
 
 from __future__ import annotations
