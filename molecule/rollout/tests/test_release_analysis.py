@@ -212,7 +212,7 @@ def test_a_slower_release_is_aborted_at_the_first_step_by_its_latency_and_the_re
     case["latency_ratio"] = round(blue["latency_ms"] / green["latency_ms"], 2)
     assert case["latency_ratio"] > THRESHOLDS["latency_ratio_max"], analysis
     # Two to three times as slow, not ten: what is proven is the threshold's side of a "2x worse" release.
-    assert case["latency_ratio"] < 4.0, analysis
+    assert case["latency_ratio"] < 5.0, analysis
     # The absolute limits passed (the step gate's p99 under 1000 ms): only the comparison with green caught it.
     (gate,) = failed_step["gate"].values()
     assert gate["verdict"] == "passed", failed_step
