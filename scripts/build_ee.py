@@ -84,7 +84,8 @@ def build(image: str) -> bool:
         return False
     size = run(["podman", "image", "inspect", "--format", "{{.Size}}", image]).stdout.strip()
     log(f"built {image} in {took:.0f}s ({int(size or 0) // 2**20} MiB)")
-    drop_replaced(before, image)
+    if said := drop_replaced(before, image):
+        log(said)
     return True
 
 
@@ -93,11 +94,13 @@ def image_id(image: str) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
-def drop_replaced(before: str, image: str) -> None:
-    """The image this build's tag moved away from (a GB each run) is removed, unless a container still uses it."""
-    if before and before != image_id(image):
-        gone = run(["podman", "rmi", before]).returncode == 0
-        log(f"the previous {image} ({before[:12]}) {'removed' if gone else 'kept: still in use'}")
+def drop_replaced(before: str, image: str) -> str:
+    """The image a build's tag moved away from (a GB or more each run) is removed, unless a container still uses
+    it; what happened, or "" when the tag did not move (scripts/k8s_image_check.py uses it too)."""
+    if not before or before == image_id(image):
+        return ""
+    gone = run(["podman", "rmi", before]).returncode == 0
+    return f"the previous {image} ({before[:12]}) {'removed' if gone else 'kept: still in use'}"
 
 
 CHECKS = [

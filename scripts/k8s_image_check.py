@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from build_ee import drop_replaced, image_id
+
 REPO = Path(__file__).resolve().parent.parent
 PY = REPO / ".venv" / "bin" / "python"
 RELEASE = "2026.11.1"
@@ -41,7 +43,7 @@ def main() -> int:
             return 1
     started = time.monotonic()
     log(f"building {IMAGE} from {BASE} (podman reuses unchanged layers)")
-    before = image_id()
+    before = image_id(IMAGE)
     with (REPO / "reports").joinpath("k8s-image-build.log").open("w") as out:
         proc = subprocess.run(["podman", "build", "-f", str(CONTAINERFILE), "--build-arg", f"BASE={BASE}",
                                "--build-arg", f"RELEASE={RELEASE}", "-t", IMAGE, str(REPO / "build")],
@@ -50,19 +52,11 @@ def main() -> int:
         log(f"ERROR: podman build exited {proc.returncode}: see reports/k8s-image-build.log")
         return 1
     log(f"image ready in {time.monotonic() - started:.0f}s")
-    if before and before != image_id():
-        # The image the tag moved away from (1.6 GB each run) goes, unless a container still uses it.
-        gone = subprocess.run(["podman", "rmi", before], capture_output=True, check=False).returncode == 0
-        log(f"the previous {IMAGE} ({before[:12]}) {'removed' if gone else 'kept: still in use'}")
+    if said := drop_replaced(before, IMAGE):
+        log(said)
     env = dict(os.environ, GM_REQUIRE_K8S_IMAGE="1")
     return subprocess.run([str(PY), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_k8s_image.py"],
                           cwd=REPO, env=env, check=False).returncode
-
-
-def image_id() -> str:
-    proc = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", IMAGE], capture_output=True,
-                          text=True, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 if __name__ == "__main__":
