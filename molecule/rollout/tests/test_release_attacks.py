@@ -19,7 +19,11 @@ logs every answer's status and serving colour; a watcher logs each split of the 
 4. two release runs started at the same instant: exactly one takes the release lock (roles/rollout/tasks/lock.yml)
    and promotes green, the other is refused before it changes anything, naming the holder; the upstream went
    blue -> green once, 0 failed requests, no lock left; a lock left by a dead run is refused as stale, with the
-   way to take it over.
+   way to take it over;
+5. the controller killed (SIGKILL to ansible-playbook's process group) while blue has 10% of a release: the split
+   is served without it, switch_back.yml returns every answer to green with the dead run's lock in place, and the
+   lock names the dead run until a release takes it over with -e rollout_lock_break=<id> and promotes blue
+   (2026.11.0, its warm copy): 0 failed requests throughout, no record from the dead run, the lock given back.
 """
 
 from __future__ import annotations
@@ -368,3 +372,62 @@ def test_a_lock_left_by_a_dead_run_is_refused_as_stale_with_the_way_to_take_it_o
     assert f"-e rollout_lock_break={holder['id']}" in refusal
     assert json.loads(left) == holder, "the refused run touched another run's lock"
     assert front_color() == "green"
+
+
+def test_a_release_run_killed_mid_step_drops_nothing_and_its_lock_is_taken_over(host, vars_file):
+    """The controller killed (SIGKILL to ansible-playbook and its workers) while 10% goes to the new colour: the
+    front door keeps both colours' split without it and drops nothing; switch_back.yml returns every answer to
+    the live colour with the dead run's lock still in place (a rollback is never blocked); the lock keeps naming
+    the dead run until a release takes it over with -e rollout_lock_break=<its id>, which then promotes."""
+    assert front_color() == "green"  # the two-releases case promoted green; blue (2026.11.0) is its warm backup
+    before = len(records(host))
+    cmd = [str(PROJECT / ".venv/bin/ansible-playbook"), "-i", os.environ["MOLECULE_INVENTORY_FILE"],
+           str(PROJECT / "playbooks" / "rollout.yml"), "-e", "release_version=2026.11.0", "-e", "rollout_deploy=false",
+           "-e", f"@{vars_file}"]
+    moments: dict[str, Any] = {}
+
+    def killed_then_switched_back() -> list[subprocess.CompletedProcess[str]]:
+        run = subprocess.Popen(cmd, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+        moments["popen"] = run
+        out, _ = run.communicate(timeout=600)
+        killed = subprocess.CompletedProcess(cmd, run.returncode, out, "")
+        time.sleep(3.0)  # the split is served with no controller at all
+        moments["lock"] = app_file(LOCK).read_text() if app_file(LOCK).exists() else ""
+        back = playbook("switch_back.yml", "-e", "rollback_to=green")
+        return [killed, back]
+
+    def kill_controller() -> None:
+        os.killpg(moments["popen"].pid, signal.SIGKILL)
+
+    runs, report, watcher, elapsed = under_load(killed_then_switched_back, act_on="blue=10 green=90",
+                                                act=kill_controller)
+    case = case_figures(RESULTS, "controller_killed_mid_step", report, watcher, elapsed, runs)
+    killed, back = runs
+    assert watcher.fired_at is not None, said_by(killed)[-4000:]
+    assert killed.returncode == -signal.SIGKILL, said_by(killed)[-4000:]
+    assert back.returncode == 0, said_by(back)[-4000:]
+    assert report.failed == [], case
+    splits = [s["split"] for s in case["splits"]]
+    assert "blue=10 green=90" in splits and not any(s.startswith("blue=100") for s in splits), case["splits"]
+    assert split_of(lb_upstream()).startswith("green=100") and front_color() == "green"
+    # Blue answered its 10% while the controller was dead, and nothing after the switch back.
+    assert share(case["splits"][-1], "green") == 100.0, case["splits"]
+    # The dead run left no record and its lock, naming it.
+    holder = json.loads(moments["lock"])
+    case["dead_lock"] = holder["id"]
+    assert holder["release"] == "2026.11.0", holder
+    assert records(host)[before:] == []
+    assert json.loads(app_file(LOCK).read_text())["id"] == holder["id"]
+
+    # Taken over by the next release, which promotes blue (2026.11.0) and gives the lock back.
+    runs, report, watcher, elapsed = under_load(
+        lambda: playbook("rollout.yml", "-e", "release_version=2026.11.0", "-e", "rollout_deploy=false",
+                         "-e", f"@{vars_file}", "-e", f"rollout_lock_break={holder['id']}"))
+    taken = case_figures(RESULTS, "lock_taken_over", report, watcher, elapsed, [runs])
+    assert runs.returncode == 0, said_by(runs)[-4000:]
+    assert report.failed == [], taken
+    assert front_color() == "blue"
+    (record,) = [r for r in records(host)[before:] if r.get("outcome") == "success"]
+    assert record["to_version"] == "2026.11.0", record
+    assert not app_file(LOCK).exists(), "the release that took the lock over did not give it back"
