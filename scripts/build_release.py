@@ -103,11 +103,19 @@ def pack_wheelhouse() -> Path:
 def build_artifacts(version: str, seed: int, corrupt_golden: bool, hidden: int | None = None,
                     depth: int = 0) -> Path:
     out = BUILD / "releases" / version
+    # What the artifacts were built from, beside the release (its directory ships to the hosts as it is): a
+    # release asked for with other parameters (a deeper model, another seed) is built again, never reused.
+    stamp = BUILD / "release-params" / f"{version}.json"
+    wanted = {"seed": seed, "hidden": hidden, "depth": depth, "corrupt_golden": corrupt_golden}
     manifests = sorted(out.glob("*.manifest.json"))
-    if len(manifests) >= 2:
+    if len(manifests) >= 2 and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         log(f"artifacts for {version} exist: {out}")
         return out
+    if out.exists():
+        log(f"artifacts for {version} are built again (asked for {wanted})")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
     sizes = (["--hidden", str(hidden)] if hidden else []) + (["--depth", str(depth)] if depth else [])
     subprocess.run([str(VENV_BIN / "grandmodel-export"), "--out", str(out), "--version", version,
                     "--seed", str(seed), *sizes], check=True, stdout=subprocess.DEVNULL)
@@ -123,6 +131,8 @@ def build_artifacts(version: str, seed: int, corrupt_golden: bool, hidden: int |
         log(f"artifacts for {version} written with WRONG golden answers (test release)")
     else:
         log(f"artifacts for {version} written: {out}")
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(wanted) + "\n")
     return out
 
 

@@ -11,8 +11,8 @@ and serving colour; a watcher logs each split of the load balancer's upstream fi
 after test_market_runbooks.py (blue serves 2026.11.0, green stopped) and leaves that state for
 test_rollback_version.py.
 
-1. with PostgreSQL stopped, a slower model (2026.11.3-slow: the same inputs and outputs, 40 more trunk layers,
-   two to three times blue's median latency per request: the issue's "2x worse" release) is released to the idle
+1. with PostgreSQL stopped, a slower model (2026.11.3-slow: the same inputs and outputs, 64 more trunk layers,
+   two to four times blue's median latency per request: the issue's "2x worse" release) is released to the idle
    green: it passes the pre-promotion and step gates' absolute limits, and the Prometheus analysis of the 10% step
    fails on its latency against blue's: every load balancer serves blue alone again, 0 failed requests; the
    record is kept in the file (the database is down);
@@ -26,7 +26,8 @@ test's first design) slowed a request only when it used up the quota, so its rat
 load (2.0 to 2.2 alone; promoted in CI, and 1.27 when reproduced beside two busy processes: promoting is right
 for that figure). More work per request slows every request by about the same factor whatever the load: the
 analysis measured 2.61 (load 2.9) and 2.24 (load 7.8) with 40 extra layers, 2.71 and 2.82 with 48 (load 4.3 beside
-two busy processes, and 3.1).
+two busy processes, and 3.1). With 40 layers the final rehearsal of 2026-12-04 measured 1.95, too close to
+the 1.5 limit: since 22:45 the model has 64 (3.42 alone, 2.80 beside three busy processes at load 5.4).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from test_weighted_walk import (  # noqa: E402
 
 CA_ON_LB = "/usr/local/share/gm-rollout-prometheus-ca.crt"
 STEPS = [10, 100]
-# The slower release (prepare.yml): 40 extra trunk layers of width 256, 2 to 3 times the live model's latency.
+# The slower release (prepare.yml): 64 extra trunk layers of width 256, 2.5 to 4 times the live model's latency.
 SLOW_RELEASE = "2026.11.3-slow"
 THRESHOLDS = {"latency_ratio_max": 1.5, "error_ratio_delta_max": 0.05}
 RESULTS: dict[str, dict[str, Any]] = {}
@@ -180,8 +181,8 @@ def test_a_slower_release_is_aborted_at_the_first_step_by_its_latency_and_its_re
     green, blue = analysis["measurements"]["green"], analysis["measurements"]["blue"]
     case["latency_ratio"] = round(green["latency_ms"] / blue["latency_ms"], 2)
     assert case["latency_ratio"] > THRESHOLDS["latency_ratio_max"], analysis
-    # Two to three times as slow, not ten: what is proven is the threshold's side of a "2x worse" release.
-    assert case["latency_ratio"] < 5.0, analysis
+    # Two to four times as slow, not ten: what is proven is the threshold's side of a "2x worse" release.
+    assert case["latency_ratio"] < 6.0, analysis
     # The absolute limits passed (the step gate's p99 under 1000 ms): only the comparison with blue caught it.
     (gate,) = failed_step["gate"].values()
     assert gate["verdict"] == "passed", failed_step
