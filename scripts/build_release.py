@@ -111,23 +111,33 @@ def build_artifacts(version: str, seed: int, corrupt_golden: bool, hidden: int |
     if len(manifests) >= 2 and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         log(f"artifacts for {version} exist: {out}")
         return out
-    if out.exists():
-        log(f"artifacts for {version} are built again (asked for {wanted})")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)
+    # Written beside the release and renamed over it when complete: a reader never sees half a release.
+    partial = out.with_name(f".{version}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     sizes = (["--hidden", str(hidden)] if hidden else []) + (["--depth", str(depth)] if depth else [])
-    subprocess.run([str(VENV_BIN / "grandmodel-export"), "--out", str(out), "--version", version,
+    subprocess.run([str(VENV_BIN / "grandmodel-export"), "--out", str(partial), "--version", version,
                     "--seed", str(seed), *sizes], check=True, stdout=subprocess.DEVNULL)
     if corrupt_golden:
         # The artifact is intact (sha256 matches) but its recorded answers are wrong: the
         # service must refuse to become ready and the pre-promotion gate must stop the release.
-        path = out / "strategic.manifest.json"
+        path = partial / "strategic.manifest.json"
         data = json.loads(path.read_text())
         for sample in data["golden"]["samples"]:
             sample["probabilities"] = list(reversed(sample["probabilities"]))
             sample["value"] = sample["value"] + 0.5
         path.write_text(json.dumps(data, indent=2) + "\n")
+    stamp.unlink(missing_ok=True)
+    if out.exists():
+        log(f"artifacts for {version} are built again (asked for {wanted})")
+        old = out.with_name(f".{version}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.replace(old)
+        partial.replace(out)
+        shutil.rmtree(old)
+    else:
+        partial.replace(out)
+    if corrupt_golden:
         log(f"artifacts for {version} written with WRONG golden answers (test release)")
     else:
         log(f"artifacts for {version} written: {out}")
