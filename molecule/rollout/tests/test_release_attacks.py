@@ -21,9 +21,10 @@ logs every answer's status and serving colour; a watcher logs each split of the 
    blue -> green once, 0 failed requests, no lock left; a lock left by a dead run is refused as stale, with the
    way to take it over;
 5. the controller killed (SIGKILL to ansible-playbook's process group) while blue has 10% of a release: the split
-   is served without it, switch_back.yml returns every answer to green with the dead run's lock in place, and the
-   lock names the dead run until a release takes it over with -e rollout_lock_break=<id> and promotes blue
-   (2026.11.0, its warm copy): 0 failed requests throughout, no record from the dead run, the lock given back.
+   is served without it, switch_back.yml returns every answer to green with the dead run's lock in place, a release
+   is refused naming the dead run and how to take its lock over, and a release with -e rollout_lock_break=<id> takes
+   it over and promotes blue (2026.11.0, its warm copy): 0 failed requests throughout, no record from the dead run,
+   the lock given back.
 """
 
 from __future__ import annotations
@@ -418,6 +419,15 @@ def test_a_release_run_killed_mid_step_drops_nothing_and_its_lock_is_taken_over(
     case["dead_lock"] = holder["id"]
     assert holder["release"] == "2026.11.0", holder
     assert records(host)[before:] == []
+    assert json.loads(app_file(LOCK).read_text())["id"] == holder["id"]
+
+    # A release (a named rollback alike: it runs the release flow) is refused while the lock names the dead run, and
+    # the refusal says how to take it over, not only to wait for a run that will never end.
+    refused = playbook("rollout.yml", "-e", "release_version=2026.11.0", "-e", "rollout_deploy=false")
+    refusal = said_by(refused)
+    case["refusal"] = refusal[refusal.find("release 2026.11.0 refused"):][:700]
+    assert refused.returncode != 0 and "Wait for it to end" in refusal, refusal[-3000:]
+    assert f"-e rollout_lock_break={holder['id']} takes it over" in refusal, refusal[-3000:]
     assert json.loads(app_file(LOCK).read_text())["id"] == holder["id"]
 
     # Taken over by the next release, which promotes blue (2026.11.0) and gives the lock back.
