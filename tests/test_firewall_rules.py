@@ -159,12 +159,14 @@ def sources(ruleset: str, port: int, proto: str = "tcp", chain_name: str = "inpu
 def test_pgbackrest_tls_port_is_open_between_database_and_repository_only(rulesets):
     # The database host reaches the repository (repo1-host) and the repository reaches the database
     # host (pg1-host): each side admits the other, nobody else, and no other host listens for it.
-    assert sources(rulesets["repo1"], 8432) == {ADDRESSES["db1"]}
-    assert sources(rulesets["db1"], 8432) == {ADDRESSES["repo1"]}
+    # The Patroni members (db_ha) are database hosts of the same repository (data_ha.yml), never each other's.
+    assert sources(rulesets["repo1"], 8432) == {ADDRESSES[h] for h in ("db1", "ha1", "ha2", "ha3")}
+    for host in ("db1", "ha1", "ha2", "ha3"):
+        assert sources(rulesets[host], 8432) == {ADDRESSES["repo1"]}, host
+        assert "# pgbackrest_database: tcp 8432 from backup_repo" in rulesets[host]
     for host in ("mon1", "app1", "lb1", "cache1"):
         assert sources(rulesets[host], 8432) == set(), host
-    assert "# pgbackrest_repository: tcp 8432 from db" in rulesets["repo1"]
-    assert "# pgbackrest_database: tcp 8432 from backup_repo" in rulesets["db1"]
+    assert "# pgbackrest_repository: tcp 8432 from db, db_ha" in rulesets["repo1"]
 
 
 def test_patroni_members_reach_each_other_and_clients_reach_only_the_endpoint(rulesets):
