@@ -65,6 +65,7 @@ from test_rollout import (  # noqa: E402
     container_pid,
     front_color,
     playbook,
+    playbook_argv,
     records,
     signal_colour,
     wait_green_ready,
@@ -382,9 +383,8 @@ def test_a_release_run_killed_mid_step_drops_nothing_and_its_lock_is_taken_over(
     the dead run until a release takes it over with -e rollout_lock_break=<its id>, which then promotes."""
     assert front_color() == "green"  # the two-releases case promoted green; blue (2026.11.0) is its warm backup
     before = len(records(host))
-    cmd = [str(PROJECT / ".venv/bin/ansible-playbook"), "-i", os.environ["MOLECULE_INVENTORY_FILE"],
-           str(PROJECT / "playbooks" / "rollout.yml"), "-e", "release_version=2026.11.0", "-e", "rollout_deploy=false",
-           "-e", f"@{vars_file}"]
+    cmd = playbook_argv("rollout.yml", "-e", "release_version=2026.11.0", "-e", "rollout_deploy=false",
+                        "-e", f"@{vars_file}")
     moments: dict[str, Any] = {}
 
     def killed_then_switched_back() -> list[subprocess.CompletedProcess[str]]:

@@ -64,9 +64,14 @@ def front_color() -> str:
     return str(front_version()["color"])
 
 
+def playbook_argv(name: str, *extra: str, directory: Path = PROJECT / "playbooks") -> list[str]:
+    """The command line of a playbook run against the scenario's inventory."""
+    return [str(PROJECT / ".venv/bin/ansible-playbook"), "-i", os.environ["MOLECULE_INVENTORY_FILE"],
+            str(directory / name), *extra]
+
+
 def playbook(name: str, *extra: str, directory: Path = PROJECT / "playbooks") -> subprocess.CompletedProcess[str]:
-    cmd = [str(PROJECT / ".venv/bin/ansible-playbook"), "-i", os.environ["MOLECULE_INVENTORY_FILE"],
-           str(directory / name), *extra]
+    cmd = playbook_argv(name, *extra, directory=directory)
     return subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, timeout=900, check=False)
 
 
