@@ -1,0 +1,180 @@
+"""Point-in-time recovery of the whole Patroni cluster (playbooks/pg_pitr_restore.yml) from gm-mol-ha-repo.
+
+Named to run after test_pgbackrest_ha.py: by then the failover and the switchover have moved the cluster to a
+third timeline while its only full backup is on the first, so the recovery replays WAL across two timeline
+switches. The restore is attacked three ways: refused input (nothing may change), a target the archive does not
+hold (the copy fails, the running cluster may not notice), and a real restore under a write load whose client
+counts every acknowledged commit: the rows acknowledged after the target and before the swap must be gone,
+every row acknowledged after the swap must stay.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from typing import Any
+
+import pytest
+from conftest import (
+    DATA_DIR,
+    MEMBERS,
+    WriteLoad,
+    cluster,
+    leader,
+    longest_gap,
+    member,
+    record,
+    run_playbook,
+    sql,
+    wait_for,
+)
+from test_pgbackrest_ha import REPO_HOST, STANZA, info, local_sql
+
+PLAYBOOK = "pg_pitr_restore.yml"
+
+
+def flat(proc: Any) -> str:
+    return " ".join((proc.stdout + proc.stderr).split())
+
+
+def start_times() -> dict[str, str]:
+    return {name: local_sql(name, "SELECT pg_postmaster_start_time()") for name in MEMBERS}
+
+
+def leftovers() -> dict[str, str]:
+    """Copies (.pitr-*) and kept directories (.before-pitr-*) next to each member's data directory."""
+    return {name: member(name).run(f"ls -d {DATA_DIR}.*pitr* 2>/dev/null").stdout.strip() for name in MEMBERS}
+
+
+def now_sql(name: str) -> str:
+    return local_sql(name, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+
+
+@pytest.fixture(scope="module")
+def before() -> dict[str, Any]:
+    view = cluster()
+    now = leader(view)
+    assert now, view
+    return {"leader": now, "started": start_times(), "leftovers": leftovers()}
+
+
+REFUSED = {
+    # A host's name is not the cluster's: the confirmation names what is replaced.
+    "confirmed-with-a-host": (["-e", "pitr_confirm=gm-mol-ha-1", "-e", "pitr_target_time='TARGET'"],
+                              "pass -e pitr_confirm=grandmodel (got 'gm-mol-ha-1')"),
+    "future": (["-e", "pitr_confirm=grandmodel", "-e", "pitr_target_time='2099-01-01 00:00:00+00'"],
+               "is in the future"),
+    "not-a-member": (["-e", "pitr_confirm=grandmodel", "-e", "pitr_member=gm-mol-ha-repo",
+                      "-e", "pitr_target_name=x"], "'gm-mol-ha-repo' is not a member of 'db_ha'"),
+    "no-offset": (["-e", "pitr_confirm=grandmodel", "-e", "pitr_target_time='2026-12-01 10:00:00'"],
+                  "give exactly one target"),
+}
+
+
+def test_a_wrong_or_unconfirmed_cluster_restore_is_refused_and_changes_nothing(before: dict[str, Any]) -> None:
+    target = now_sql(before["leader"])
+    for case, (extra, message) in REFUSED.items():
+        proc = run_playbook(PLAYBOOK, *(e.replace("TARGET", target) for e in extra))
+        assert proc.returncode != 0, (case, flat(proc)[-2000:])
+        assert message in flat(proc), (case, flat(proc)[-3000:])
+        assert "Nothing was changed" in flat(proc), (case, flat(proc)[-3000:])
+    assert leader(cluster()) == before["leader"]
+    assert start_times() == before["started"]
+    assert leftovers() == before["leftovers"]
+
+
+def test_a_cluster_restore_that_fails_on_the_copy_leaves_the_cluster_running(before: dict[str, Any]) -> None:
+    # Confirmed and well-formed, but no such restore point exists: pgBackRest restores the copy, recovery runs to
+    # the end of the archive without reaching the target and the copy stops. The members never noticed.
+    proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", "pitr_target_name=no-such-restore-point")
+    out = flat(proc)
+    assert proc.returncode != 0, out[-2000:]
+    assert "recovery ended before configured recovery target was reached" in out, out[-3000:]
+    assert "The running cluster was never touched; the restored copy was removed" in out, out[-3000:]
+    assert leader(cluster()) == before["leader"]
+    assert start_times() == before["started"]
+    assert leftovers() == before["leftovers"]
+
+
+def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_every_later_commit(
+        before: dict[str, Any]) -> None:
+    now = before["leader"]
+    timeline_before = int(local_sql(now, "SELECT timeline_id FROM pg_control_checkpoint()"))
+    sql(now, "DROP TABLE IF EXISTS pitr_probe; CREATE TABLE pitr_probe (id int PRIMARY KEY, batch text)")
+    sql(now, "INSERT INTO pitr_probe SELECT g, 'A' FROM generate_series(1, 5) g")
+    time.sleep(1.2)
+    target = now_sql(now)
+    time.sleep(1.2)
+    sql(now, "INSERT INTO pitr_probe SELECT g, 'B' FROM generate_series(6, 8) g")
+    # The archiving RPO: seconds from B's commit until its WAL segment is in the repository, without a switch
+    # (archive_timeout, 60 s, forces one).
+    committed = time.monotonic()
+    segment = local_sql(now, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    host = member(now)
+
+    def archived() -> bool:
+        return bool(host.run(f"runuser -u postgres -- pgbackrest --stanza={STANZA} archive-get {segment} "
+                             f"/tmp/pitr-rpo-{segment}").rc == 0)
+
+    wait_for(f"{segment} in the repository without a switch", archived, timeout=90, interval=1)
+    rpo = time.monotonic() - committed
+    host.run(f"rm -f /tmp/pitr-rpo-{segment}")
+    assert rpo < 75, rpo
+
+    # A client on another member, through its HAProxy, commits during the whole restore: its rows are all after the
+    # target. Those acknowledged before the swap must be gone afterwards, those acknowledged after it must stay.
+    client = next(n for n in MEMBERS if n != now)
+    load = WriteLoad(client, "pitr-load")
+    load.start(first_id=int(sql(now, "SELECT coalesce(max(id), 0) + 1000 FROM ha_probe")), seconds=240)
+    wait_for("the client's first commits", lambda: len(load.acknowledged()) > 20, timeout=30)
+    started = time.monotonic()
+    proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_target_time='{target}'")
+    took = time.monotonic() - started
+    out = flat(proc)
+    assert proc.returncode == 0, out[-4000:]
+    wait_for("commits after the restore", lambda: load.acknowledged()[-1][1] > time.time() - 2, timeout=30)
+    acked = load.stop()
+    down = re.search(r"The cluster was down for ([0-9.]+) s", out)
+    assert down, out[-3000:]
+
+    rows = sql(now, "SELECT string_agg(id || batch, ',' ORDER BY id) FROM pitr_probe")
+    assert rows == "1A,2A,3A,4A,5A", rows
+    view = cluster()
+    assert leader(view) == now, view
+    replicas = [m for m in view["members"] if m["name"] != now]
+    assert all(m["state"] in ("running", "streaming") and isinstance(m.get("lag"), int) for m in replicas), view
+    assert any(m["role"] == "sync_standby" for m in replicas), view
+    timeline_after = int(local_sql(now, "SELECT timeline_id FROM pg_control_checkpoint()"))
+    assert timeline_after > timeline_before, (timeline_before, timeline_after)
+    for name in MEMBERS:
+        # Every member holds exactly the restored rows, and reaches the leader through its own endpoint.
+        assert local_sql(name, "SELECT string_agg(id || batch, ',' ORDER BY id) FROM pitr_probe") == rows, name
+        assert sql(name, "SELECT pg_is_in_recovery()") == "f", name
+        kept = sorted(set(leftovers()[name].split()) - set(before["leftovers"][name].split()))
+        assert len(kept) == 1 and ".before-pitr-" in kept[0], (name, kept)
+        assert member(name).run(f"test -s {shlex.quote(kept[0])}/PG_VERSION").rc == 0, (name, kept)
+
+    # The client's own log against the table: split at the longest gap (the swap).
+    times = [t for _, t in acked]
+    gap = longest_gap(acked)
+    cut = next(i for i in range(1, len(times)) if times[i] - times[i - 1] == gap)
+    before_swap, after_swap = acked[:cut], acked[cut:]
+    ids = ",".join(str(i) for i, _ in acked)
+    present = {int(i) for i in sql(now, f"SELECT id FROM ha_probe WHERE id IN ({ids})").split()}
+    lost_after = [i for i, _ in after_swap if i not in present]
+    kept_before = [i for i, _ in before_swap if i in present]
+    assert not lost_after, lost_after[:20]
+    assert not kept_before, kept_before[:20]
+    assert len(after_swap) > 10, after_swap[-5:]
+    # The restored cluster archives on its new timeline: a switch on the leader reaches the repository.
+    check = member(REPO_HOST).run(f"runuser -u pgbackrest -- pgbackrest --stanza={STANZA} check")
+    assert check.rc == 0, check.stdout[-800:] + check.stderr[-800:]
+    assert info()["status"]["code"] == 0
+    record(pitr_playbook_s=round(took, 1), pitr_down_s=float(down.group(1)), pitr_client_gap_s=round(gap, 2),
+           pitr_rows=rows, pitr_archive_rpo_s=round(rpo, 1), pitr_timelines=[timeline_before, timeline_after],
+           pitr_client_commits_discarded=len(before_swap), pitr_client_commits_kept=len(after_swap))
+    print(f"\nFIGURE cluster PITR to {target} (timeline {timeline_before} -> {timeline_after}): rows {rows} "
+          f"(A 1-5 before, B 6-8 after); archive RPO {rpo:.1f} s; playbook {took:.0f} s, down {down.group(1)} s, "
+          f"client gap {gap:.2f} s; client commits {len(before_swap)} after the target discarded, "
+          f"{len(after_swap)} after the swap kept (0 lost)")
