@@ -23,6 +23,7 @@ from conftest import (
     cluster,
     leader,
     longest_gap,
+    lost_rows,
     member,
     record,
     run_playbook,
@@ -97,6 +98,51 @@ def test_a_cluster_restore_that_fails_on_the_copy_leaves_the_cluster_running(bef
     assert leftovers() == before["leftovers"]
 
 
+def test_a_swap_that_fails_puts_every_member_back_and_loses_no_acknowledged_commit(before: dict[str, Any]) -> None:
+    # The restoring member is a replica whose Patroni cannot start (its unit masked): the copy is proven, every
+    # member stops, the DCS keys go, the directories are swapped, and then the restored member never leads. The
+    # old cluster must come back on its own data, the former leader first, with every commit a client had
+    # acknowledged before the failure.
+    now = leader(cluster())
+    assert now == before["leader"]
+    victim, client = [n for n in MEMBERS if n != now]
+    load = WriteLoad(client, f"pitr-fail-load-{int(time.time())}")
+    load.start(first_id=int(sql(now, "SELECT coalesce(max(id), 0) + 1000 FROM ha_probe")), seconds=240)
+    wait_for("the client's first commits", lambda: len(load.acknowledged()) > 20, timeout=30)
+    target = now_sql(now)
+    member(victim).check_output("systemctl mask patroni")
+    try:
+        proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_member={victim}",
+                            "-e", f"pitr_target_time='{target}'")
+    finally:
+        member(victim).check_output("systemctl unmask patroni")
+        if member(victim).run("systemctl is-active patroni").rc != 0:
+            member(victim).check_output("systemctl start patroni")
+    out = flat(proc)
+    assert proc.returncode != 0, out[-3000:]
+    assert "failed at 'Start Patroni on the restoring member'" in out, out[-3000:]
+    assert f"{now} leads again on its own data" in out, out[-3000:]
+    assert f"could not be started on {victim}" in out, out[-3000:]
+
+    def whole() -> bool:
+        view = cluster()
+        streaming = [m for m in view["members"] if m["role"] in ("replica", "sync_standby")
+                     and m["state"] in ("running", "streaming") and isinstance(m.get("lag"), int)]
+        return leader(view) == now and len(streaming) == 2
+
+    wait_for("the old cluster whole again", whole, timeout=120, interval=2)
+    wait_for("commits after the failed swap", lambda: load.acknowledged()[-1][1] > time.time() - 2, timeout=30)
+    acked = load.stop()
+    lost = lost_rows(now, acked)
+    assert not lost, lost[:20]
+    assert leftovers() == before["leftovers"]
+    gap = longest_gap(acked)
+    record(pitr_failed_swap_client_gap_s=round(gap, 2), pitr_failed_swap_acknowledged=len(acked),
+           pitr_failed_swap_lost=len(lost))
+    print(f"\nFIGURE failed cluster PITR swap (restoring member {victim} cannot start Patroni): {now} leads again, "
+          f"{len(acked)} acknowledged commits, {len(lost)} lost, client gap {gap:.1f} s")
+
+
 def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_every_later_commit(
         before: dict[str, Any]) -> None:
     now = before["leader"]
@@ -125,7 +171,7 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
     # A client on another member, through its HAProxy, commits during the whole restore: its rows are all after the
     # target. Those acknowledged before the swap must be gone afterwards, those acknowledged after it must stay.
     client = next(n for n in MEMBERS if n != now)
-    load = WriteLoad(client, "pitr-load")
+    load = WriteLoad(client, f"pitr-load-{int(time.time())}")
     load.start(first_id=int(sql(now, "SELECT coalesce(max(id), 0) + 1000 FROM ha_probe")), seconds=240)
     wait_for("the client's first commits", lambda: len(load.acknowledged()) > 20, timeout=30)
     started = time.monotonic()
