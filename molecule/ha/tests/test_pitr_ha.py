@@ -103,8 +103,8 @@ def test_a_swap_that_fails_puts_every_member_back_and_loses_no_acknowledged_comm
     # member stops, the DCS keys go, the directories are swapped, and then the restored member never leads. The
     # old cluster must come back on its own data, the former leader first, with every commit a client had
     # acknowledged before the failure.
-    now = leader(cluster())
-    assert now == before["leader"]
+    now: str = before["leader"]
+    assert leader(cluster()) == now
     victim, client = [n for n in MEMBERS if n != now]
     load = WriteLoad(client, f"pitr-fail-load-{int(time.time())}")
     load.start(first_id=int(sql(now, "SELECT coalesce(max(id), 0) + 1000 FROM ha_probe")), seconds=240)
