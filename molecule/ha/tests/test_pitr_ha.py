@@ -70,7 +70,13 @@ REFUSED = {
                       "-e", "pitr_target_name=x"], "'gm-mol-ha-repo' is not a member of 'db_ha'"),
     "no-offset": (["-e", "pitr_confirm=grandmodel", "-e", "pitr_target_time='2026-12-01 10:00:00'"],
                   "give exactly one target"),
+    "rollback-and-a-target": (["-e", "pitr_confirm=grandmodel", "-e", "pitr_rollback=20261201T000000Z",
+                               "-e", "pitr_target_name=x"], "pitr_rollback takes the stamp of a completed cluster"),
+    "rollback-of-no-restore": (["-e", "pitr_confirm=grandmodel", "-e", "pitr_rollback=20261201T000000Z"],
+                               "exactly one must be a primary shut down cleanly"),
 }
+# What the restore test leaves for the rollback test: the restore's stamp and the client's commits around it.
+RESTORED: dict[str, Any] = {}
 
 
 def test_a_wrong_or_unconfirmed_cluster_restore_is_refused_and_changes_nothing(before: dict[str, Any]) -> None:
@@ -217,6 +223,10 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
     check = member(REPO_HOST).run(f"runuser -u pgbackrest -- pgbackrest --stanza={STANZA} check")
     assert check.rc == 0, check.stdout[-800:] + check.stderr[-800:]
     assert info()["status"]["code"] == 0
+    stamp = re.search(r"kept in \S+[.]before-pitr-([0-9]{8}T[0-9]{6}Z)", out)
+    assert stamp, out[-2000:]
+    RESTORED.update(stamp=stamp.group(1), before_swap=[i for i, _ in before_swap],
+                    after_swap=[i for i, _ in after_swap], timeline=timeline_after)
     record(pitr_playbook_s=round(took, 1), pitr_down_s=float(down.group(1)), pitr_client_gap_s=round(gap, 2),
            pitr_rows=rows, pitr_archive_rpo_s=round(rpo, 1), pitr_timelines=[timeline_before, timeline_after],
            pitr_client_commits_discarded=len(before_swap), pitr_client_commits_kept=len(after_swap))
@@ -224,3 +234,49 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
           f"(A 1-5 before, B 6-8 after); archive RPO {rpo:.1f} s; playbook {took:.0f} s, down {down.group(1)} s, "
           f"client gap {gap:.2f} s; client commits {len(before_swap)} after the target discarded, "
           f"{len(after_swap)} after the swap kept (0 lost)")
+
+
+def test_rolling_back_the_cluster_restore_brings_back_every_commit_it_discarded(before: dict[str, Any]) -> None:
+    # Undo the restore above: the former leader's kept directory (every commit up to that swap, rows B and the
+    # client's commits after the target among them) comes back through a copy, under a new write load.
+    assert RESTORED, "the restore test did not complete"
+    now: str = before["leader"]
+    assert leader(cluster()) == now
+    client = next(n for n in MEMBERS if n != now)
+    load = WriteLoad(client, f"pitr-back-load-{int(time.time())}")
+    load.start(first_id=int(sql(now, "SELECT coalesce(max(id), 0) + 1000 FROM ha_probe")), seconds=240)
+    wait_for("the client's first commits", lambda: len(load.acknowledged()) > 20, timeout=30)
+    started = time.monotonic()
+    proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_rollback={RESTORED['stamp']}")
+    took = time.monotonic() - started
+    out = flat(proc)
+    assert proc.returncode == 0, out[-4000:]
+    wait_for("commits after the rollback", lambda: load.acknowledged()[-1][1] > time.time() - 2, timeout=30)
+    acked = load.stop()
+
+    assert sql(now, "SELECT string_agg(id || batch, ',' ORDER BY id) FROM pitr_probe") == "1A,2A,3A,4A,5A,6B,7B,8B"
+    view = cluster()
+    assert leader(view) == now, view
+    assert any(m["role"] == "sync_standby" for m in view["members"]), view
+    timeline = int(local_sql(now, "SELECT timeline_id FROM pg_control_checkpoint()"))
+    assert timeline > RESTORED["timeline"], (RESTORED["timeline"], timeline)
+    gap = longest_gap(acked)
+    times = [t for _, t in acked]
+    cut = next(i for i in range(1, len(times)) if times[i] - times[i - 1] == gap)
+    during, after = [i for i, _ in acked[:cut]], [i for i, _ in acked[cut:]]
+    ids = ",".join(str(i) for i in RESTORED["before_swap"] + RESTORED["after_swap"] + during + after)
+    present = {int(i) for i in sql(now, f"SELECT id FROM ha_probe WHERE id IN ({ids})").split()}
+    # Back: every commit the restore had discarded. Gone: what was written on the restored data (kept aside).
+    assert [i for i in RESTORED["before_swap"] if i not in present] == []
+    assert [i for i in RESTORED["after_swap"] if i in present] == []
+    assert [i for i in during if i in present] == []
+    assert [i for i in after if i not in present] == []
+    for name in MEMBERS:
+        assert local_sql(name, "SELECT count(*) FROM pitr_probe") == "8", name
+    check = member(REPO_HOST).run(f"runuser -u pgbackrest -- pgbackrest --stanza={STANZA} check")
+    assert check.rc == 0, check.stdout[-800:] + check.stderr[-800:]
+    record(pitr_rollback_playbook_s=round(took, 1), pitr_rollback_client_gap_s=round(gap, 2),
+           pitr_rollback_commits_back=len(RESTORED["before_swap"]), pitr_rollback_timeline=timeline)
+    print(f"\nFIGURE cluster PITR rolled back ({RESTORED['stamp']}): rows B and {len(RESTORED['before_swap'])} "
+          f"discarded commits back, {len(RESTORED['after_swap'])} written on the restored data gone; playbook "
+          f"{took:.0f} s, client gap {gap:.2f} s, timeline {RESTORED['timeline']} -> {timeline}")
