@@ -101,6 +101,27 @@ def test_a_pitr_that_fails_on_the_copy_leaves_the_live_server_alone(host, refuse
     assert live_state(host) == before
 
 
+def test_a_pitr_from_a_damaged_repository_is_refused_and_changes_nothing(host, repo_host, probe, refused):
+    # A few bytes of the oldest archived WAL file overwritten: pgbackrest verify reports "status: error" but exits 0,
+    # so the restore must read what verify says, not only its exit code. The file is put back afterwards.
+    path = repo_host.check_output("find /var/lib/pgbackrest/archive -type f -name '0000*-*' | sort | head -n 1").strip()
+    assert path
+    saved = "/root/damaged-repository-original"
+    repo_host.check_output(f"cp -p {path} {saved}")
+    before = live_state(host)
+    try:
+        repo_host.check_output(f"printf 'not the WAL that was archived' | dd of={path} bs=1 seek=64 conv=notrunc "
+                               "status=none")
+        proc = pitr(pitr_confirm=DB_HOST, pitr_target_time=probe["target"])
+    finally:
+        repo_host.check_output(f"cp -p {saved} {path} && rm -f {saved}")
+    assert proc.returncode != 0, flat(proc)[-2000:]
+    assert "pgbackrest verify on gm-mol-data-client found a problem" in flat(proc), flat(proc)[-3000:]
+    assert "status: error" in flat(proc), flat(proc)[-3000:]
+    assert "Nothing was changed" in flat(proc), flat(proc)[-3000:]
+    assert live_state(host) == before
+
+
 def test_pitr_to_a_time_between_two_writes_gives_exactly_the_rows_before_it(host, repo_host, probe, refused):
     # B's commit must be in the repository for recovery to know the target was passed.
     segment = sql(host, "SELECT pg_walfile_name(pg_switch_wal())")

@@ -3,6 +3,7 @@ and the write-load client whose log of acknowledged commits the failover tests c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -10,6 +11,7 @@ import os
 import shlex
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,26 @@ def lost_rows(name: str, acked: list[tuple[int, float]]) -> list[int]:
     low, high = acked[0][0], acked[-1][0]
     present = {int(i) for i in sql(name, f"SELECT id FROM ha_probe WHERE id BETWEEN {low} AND {high}").split()}
     return [i for i, _ in acked if i not in present]
+
+
+REPO_HOST = "gm-mol-ha-repo"
+
+
+@contextlib.contextmanager
+def damaged_repository() -> Iterator[str]:
+    """The oldest archived WAL file in the pgBackRest repository replaced by the next one's content (a well-formed
+    file with the wrong data, as a bad copy or a careless hand would leave it: pgBackRest 2.45's verify reports
+    "status: error" for it and still exits 0), put back as it was afterwards. Yields the damaged file's path."""
+    repo = member(REPO_HOST)
+    first, second = repo.check_output(
+        "find /var/lib/pgbackrest/archive -type f -name '0000*-*' | sort | head -n 2").split()
+    saved = "/root/damaged-repository-original"
+    repo.check_output(f"cp -p {shlex.quote(first)} {saved}")
+    try:
+        repo.check_output(f"cp {shlex.quote(second)} {shlex.quote(first)}")
+        yield first
+    finally:
+        repo.check_output(f"cp -p {saved} {shlex.quote(first)} && rm -f {saved}")
 
 
 def run_playbook(playbook: str, *extra: str) -> subprocess.CompletedProcess[str]:

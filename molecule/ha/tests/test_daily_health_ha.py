@@ -23,7 +23,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import MEMBERS, address, cluster, leader, member, run_playbook, secret, wait_for
+from conftest import (
+    MEMBERS,
+    REPO_HOST,
+    address,
+    cluster,
+    damaged_repository,
+    leader,
+    member,
+    run_playbook,
+    secret,
+    wait_for,
+)
 from test_redis_sentinel import MASTER_NAME, agreed_master, cli, info, sentinel, sentinel_master
 
 # The Sentinel's own file (quantnova.grandmodel.redis writes it once; Sentinel rewrites it from then on).
@@ -77,6 +88,12 @@ def test_daily_health_reads_replication_from_patroni_and_redis(tmp_path: Path) -
         assert seen_sentinel["master"] == f"{truth_sentinel['ip']}:{truth_sentinel['port']}", seen_sentinel
         assert seen_sentinel["master"].rsplit(":", 1)[0] == address(master), (seen_sentinel, master)
         assert seen_sentinel["other_sentinels"] == "2" and seen_sentinel["ckquorum"].startswith("OK 3 usable")
+    # pgBackRest of the cluster: check (archiving) and the newest backup on every member, verify on the repository.
+    for host in MEMBERS:
+        backrest = report["hosts"][host]["pgbackrest"]
+        assert backrest["check_ok"] is True and backrest["newest_type"] == "full", (host, backrest)
+    assert report["hosts"][REPO_HOST]["pgbackrest_verify"] == {"stanzas": {"grandmodel": "ok"}, "error": None}
+    assert "repository: verify grandmodel ok" in markdown
     assert "## Replication" in markdown and "Sync Standby" in markdown and "| master |" in markdown
     assert markdown.count(", OK 3 usable Sentinels") == 3
 
@@ -94,7 +111,8 @@ def test_daily_health_names_a_stopped_member_and_a_broken_redis_link(tmp_path: P
         redis_kill = cli(redis_victim, "CLIENT", "KILL", "TYPE", "master")
         wait_for(f"{redis_victim}'s link to its master to go down",
                  lambda: info(redis_victim).get("master_link_status") == "down", 30)
-        rc, report, markdown = daily_health(tmp_path, "faults")
+        with damaged_repository():
+            rc, report, markdown = daily_health(tmp_path, "faults")
     finally:
         member(pg_victim).check_output("systemctl start patroni")
         cli(redis_victim, "CONFIG", "SET", "masterauth", masterauth)
@@ -112,9 +130,13 @@ def test_daily_health_names_a_stopped_member_and_a_broken_redis_link(tmp_path: P
     sentinel_unit = f"{sentinel_victim}: redis-sentinel is inactive"
     unreadable = [p for p in problems if p.startswith(f"{sentinel_victim}: its Redis Sentinel could not be read: ")]
     assert sentinel_unit in problems and len(unreadable) == 1, problems
+    # The damaged repository file, and pgBackRest's check on the stopped member (its PostgreSQL is down).
+    verify = [p for p in problems if p.startswith(f"{REPO_HOST}: pgbackrest verify of the stanza grandmodel fails ")]
+    check = f"{pg_victim}: pgbackrest check fails (WAL archiving to the repository fails)"
+    assert len(verify) == 1 and check in problems, problems
     # Nothing else: the other members, the leader, the Redis master and the two Sentinels still running (a
     # quorum of 2 of 3) are reported as they are.
-    assert set(problems) - {unit, *member_gone, *link, sentinel_unit, *unreadable} <= {
+    assert set(problems) - {unit, *member_gone, *link, sentinel_unit, *unreadable, *verify, check} <= {
         # Patroni may need a moment to make the remaining replica synchronous.
         "the Patroni cluster has no synchronous standby while synchronous mode is on: a failover now could lose "
         "committed transactions"}, problems

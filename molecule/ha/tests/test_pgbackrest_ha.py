@@ -11,9 +11,8 @@ import json
 import shlex
 from typing import Any
 
-from conftest import MEMBERS, cluster, leader, member, wait_for
+from conftest import MEMBERS, REPO_HOST, cluster, leader, member, wait_for
 
-REPO_HOST = "gm-mol-ha-repo"
 STANZA = "grandmodel"
 
 

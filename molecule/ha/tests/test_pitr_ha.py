@@ -19,8 +19,10 @@ import pytest
 from conftest import (
     DATA_DIR,
     MEMBERS,
+    REPO_HOST,
     WriteLoad,
     cluster,
+    damaged_repository,
     leader,
     longest_gap,
     lost_rows,
@@ -30,7 +32,7 @@ from conftest import (
     sql,
     wait_for,
 )
-from test_pgbackrest_ha import REPO_HOST, STANZA, info, local_sql
+from test_pgbackrest_ha import STANZA, info, local_sql
 
 PLAYBOOK = "pg_pitr_restore.yml"
 
@@ -86,6 +88,12 @@ def test_a_wrong_or_unconfirmed_cluster_restore_is_refused_and_changes_nothing(b
         assert proc.returncode != 0, (case, flat(proc)[-2000:])
         assert message in flat(proc), (case, flat(proc)[-3000:])
         assert "Nothing was changed" in flat(proc), (case, flat(proc)[-3000:])
+    # A damaged repository: pgbackrest verify reports "status: error" (and exits 0, which is not trusted).
+    with damaged_repository() as damaged:
+        proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_target_time='{target}'")
+    assert proc.returncode != 0, flat(proc)[-2000:]
+    assert "pgbackrest verify on gm-mol-ha-repo found a problem" in flat(proc), (damaged, flat(proc)[-3000:])
+    assert "Nothing was changed" in flat(proc), flat(proc)[-3000:]
     assert leader(cluster()) == before["leader"]
     assert start_times() == before["started"]
     assert leftovers() == before["leftovers"]
