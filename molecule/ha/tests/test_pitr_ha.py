@@ -88,6 +88,12 @@ def test_a_wrong_or_unconfirmed_cluster_restore_is_refused_and_changes_nothing(b
         assert proc.returncode != 0, (case, flat(proc)[-2000:])
         assert message in flat(proc), (case, flat(proc)[-3000:])
         assert "Nothing was changed" in flat(proc), (case, flat(proc)[-3000:])
+    # --check runs every check and says what it would do; nothing changes.
+    proc = run_playbook(PLAYBOOK, "--check", "-e", f"pitr_target_time='{target}'")
+    assert proc.returncode == 0, flat(proc)[-3000:]
+    assert f"Check mode: the point-in-time restore of the cluster grandmodel to {target} passed its checks" in \
+        flat(proc), flat(proc)[-3000:]
+    assert "Nothing was changed; to run it, pass -e pitr_confirm=grandmodel" in flat(proc), flat(proc)[-3000:]
     # A damaged repository: pgbackrest verify reports "status: error" (and exits 0, which is not trusted).
     with damaged_repository() as damaged:
         proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_target_time='{target}'")
