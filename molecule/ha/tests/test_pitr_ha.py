@@ -54,6 +54,27 @@ def now_sql(name: str) -> str:
     return local_sql(name, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
 
 
+def restore_under_load(now: str, unit: str, *extra: str) -> tuple[str, float, list[int], list[int], float]:
+    """The playbook, confirmed, with `extra`, while a client on another member commits through its own HAProxy.
+    Returns the playbook's output and seconds, the ids the client had acknowledged before the longest gap between
+    two commits (the swap) and after it, and that gap."""
+    client = next(n for n in MEMBERS if n != now)
+    load = WriteLoad(client, f"{unit}-{int(time.time())}")
+    load.start(first_id=int(sql(now, "SELECT coalesce(max(id), 0) + 1000 FROM ha_probe")), seconds=240)
+    try:
+        wait_for("the client's first commits", lambda: len(load.acknowledged()) > 20, timeout=30)
+        started = time.monotonic()
+        proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", *extra)
+        took = time.monotonic() - started
+        assert proc.returncode == 0, flat(proc)[-4000:]
+        wait_for("commits after the swap", lambda: load.acknowledged()[-1][1] > time.time() - 2, timeout=30)
+    finally:
+        acked = load.stop()
+    gap = longest_gap(acked)
+    cut = next(i for i in range(1, len(acked)) if acked[i][1] - acked[i - 1][1] == gap)
+    return flat(proc), took, [i for i, _ in acked[:cut]], [i for i, _ in acked[cut:]], gap
+
+
 @pytest.fixture(scope="module")
 def before() -> dict[str, Any]:
     view = cluster()
@@ -190,17 +211,7 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
 
     # A client on another member, through its HAProxy, commits during the whole restore: its rows are all after the
     # target. Those acknowledged before the swap must be gone afterwards, those acknowledged after it must stay.
-    client = next(n for n in MEMBERS if n != now)
-    load = WriteLoad(client, f"pitr-load-{int(time.time())}")
-    load.start(first_id=int(sql(now, "SELECT coalesce(max(id), 0) + 1000 FROM ha_probe")), seconds=240)
-    wait_for("the client's first commits", lambda: len(load.acknowledged()) > 20, timeout=30)
-    started = time.monotonic()
-    proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_target_time='{target}'")
-    took = time.monotonic() - started
-    out = flat(proc)
-    assert proc.returncode == 0, out[-4000:]
-    wait_for("commits after the restore", lambda: load.acknowledged()[-1][1] > time.time() - 2, timeout=30)
-    acked = load.stop()
+    out, took, before_swap, after_swap, gap = restore_under_load(now, "pitr-load", "-e", f"pitr_target_time='{target}'")
     down = re.search(r"The cluster was down for ([0-9.]+) s", out)
     assert down, out[-3000:]
 
@@ -221,15 +232,11 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
         assert len(kept) == 1 and ".before-pitr-" in kept[0], (name, kept)
         assert member(name).run(f"test -s {shlex.quote(kept[0])}/PG_VERSION").rc == 0, (name, kept)
 
-    # The client's own log against the table: split at the longest gap (the swap).
-    times = [t for _, t in acked]
-    gap = longest_gap(acked)
-    cut = next(i for i in range(1, len(times)) if times[i] - times[i - 1] == gap)
-    before_swap, after_swap = acked[:cut], acked[cut:]
-    ids = ",".join(str(i) for i, _ in acked)
+    # The client's own log against the table, split at the swap.
+    ids = ",".join(str(i) for i in before_swap + after_swap)
     present = {int(i) for i in sql(now, f"SELECT id FROM ha_probe WHERE id IN ({ids})").split()}
-    lost_after = [i for i, _ in after_swap if i not in present]
-    kept_before = [i for i, _ in before_swap if i in present]
+    lost_after = [i for i in after_swap if i not in present]
+    kept_before = [i for i in before_swap if i in present]
     assert not lost_after, lost_after[:20]
     assert not kept_before, kept_before[:20]
     assert len(after_swap) > 10, after_swap[-5:]
@@ -239,8 +246,7 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
     assert info()["status"]["code"] == 0
     stamp = re.search(r"kept in \S+[.]before-pitr-([0-9]{8}T[0-9]{6}Z)", out)
     assert stamp, out[-2000:]
-    RESTORED.update(stamp=stamp.group(1), before_swap=[i for i, _ in before_swap],
-                    after_swap=[i for i, _ in after_swap], timeline=timeline_after)
+    RESTORED.update(stamp=stamp.group(1), before_swap=before_swap, after_swap=after_swap, timeline=timeline_after)
     record(pitr_playbook_s=round(took, 1), pitr_down_s=float(down.group(1)), pitr_client_gap_s=round(gap, 2),
            pitr_rows=rows, pitr_archive_rpo_s=round(rpo, 1), pitr_timelines=[timeline_before, timeline_after],
            pitr_client_commits_discarded=len(before_swap), pitr_client_commits_kept=len(after_swap))
@@ -256,17 +262,7 @@ def test_rolling_back_the_cluster_restore_brings_back_every_commit_it_discarded(
     assert RESTORED, "the restore test did not complete"
     now: str = before["leader"]
     assert leader(cluster()) == now
-    client = next(n for n in MEMBERS if n != now)
-    load = WriteLoad(client, f"pitr-back-load-{int(time.time())}")
-    load.start(first_id=int(sql(now, "SELECT coalesce(max(id), 0) + 1000 FROM ha_probe")), seconds=240)
-    wait_for("the client's first commits", lambda: len(load.acknowledged()) > 20, timeout=30)
-    started = time.monotonic()
-    proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_rollback={RESTORED['stamp']}")
-    took = time.monotonic() - started
-    out = flat(proc)
-    assert proc.returncode == 0, out[-4000:]
-    wait_for("commits after the rollback", lambda: load.acknowledged()[-1][1] > time.time() - 2, timeout=30)
-    acked = load.stop()
+    _, took, during, after, gap = restore_under_load(now, "pitr-back-load", "-e", f"pitr_rollback={RESTORED['stamp']}")
 
     assert sql(now, "SELECT string_agg(id || batch, ',' ORDER BY id) FROM pitr_probe") == "1A,2A,3A,4A,5A,6B,7B,8B"
     view = cluster()
@@ -274,10 +270,6 @@ def test_rolling_back_the_cluster_restore_brings_back_every_commit_it_discarded(
     assert any(m["role"] == "sync_standby" for m in view["members"]), view
     timeline = int(local_sql(now, "SELECT timeline_id FROM pg_control_checkpoint()"))
     assert timeline > RESTORED["timeline"], (RESTORED["timeline"], timeline)
-    gap = longest_gap(acked)
-    times = [t for _, t in acked]
-    cut = next(i for i in range(1, len(times)) if times[i] - times[i - 1] == gap)
-    during, after = [i for i, _ in acked[:cut]], [i for i, _ in acked[cut:]]
     ids = ",".join(str(i) for i in RESTORED["before_swap"] + RESTORED["after_swap"] + during + after)
     present = {int(i) for i in sql(now, f"SELECT id FROM ha_probe WHERE id IN ({ids})").split()}
     # Back: every commit the restore had discarded. Gone: what was written on the restored data (kept aside).
