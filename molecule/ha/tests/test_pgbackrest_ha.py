@@ -41,15 +41,20 @@ def switch_and_fetch(name: str) -> str:
                     "INSERT INTO pgbackrest_probe DEFAULT VALUES")
     segment = local_sql(name, "SELECT pg_walfile_name(pg_current_wal_lsn())")
     local_sql(name, "SELECT pg_switch_wal()")
+    wait_in_repository(name, segment, timeout=60)
+    return segment
+
+
+def wait_in_repository(name: str, segment: str, timeout: float) -> None:
+    """Wait until `pgbackrest archive-get` of the WAL segment succeeds on the member (it is in the repository)."""
     host = member(name)
 
     def fetched() -> bool:
         return bool(host.run(f"runuser -u postgres -- pgbackrest --stanza={STANZA} archive-get {segment} "
                              f"/tmp/pgbackrest-probe-{segment}").rc == 0)
 
-    wait_for(f"{segment} of {name} in the repository", fetched, timeout=60, interval=1)
+    wait_for(f"{segment} of {name} in the repository", fetched, timeout=timeout, interval=1)
     host.run(f"rm -f /tmp/pgbackrest-probe-{segment}")
-    return segment
 
 
 def test_the_repository_holds_a_full_backup_archived_wal_and_runs_its_timers() -> None:

@@ -32,7 +32,7 @@ from conftest import (
     sql,
     wait_for,
 )
-from test_pgbackrest_ha import STANZA, info, local_sql
+from test_pgbackrest_ha import STANZA, info, local_sql, wait_in_repository
 
 PLAYBOOK = "pg_pitr_restore.yml"
 
@@ -197,16 +197,8 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
     # The archiving RPO: seconds from B's commit until its WAL segment is in the repository, without a switch
     # (archive_timeout, 60 s, forces one).
     committed = time.monotonic()
-    segment = local_sql(now, "SELECT pg_walfile_name(pg_current_wal_lsn())")
-    host = member(now)
-
-    def archived() -> bool:
-        return bool(host.run(f"runuser -u postgres -- pgbackrest --stanza={STANZA} archive-get {segment} "
-                             f"/tmp/pitr-rpo-{segment}").rc == 0)
-
-    wait_for(f"{segment} in the repository without a switch", archived, timeout=90, interval=1)
+    wait_in_repository(now, local_sql(now, "SELECT pg_walfile_name(pg_current_wal_lsn())"), timeout=90)
     rpo = time.monotonic() - committed
-    host.run(f"rm -f /tmp/pitr-rpo-{segment}")
     assert rpo < 75, rpo
 
     # A client on another member, through its HAProxy, commits during the whole restore: its rows are all after the
