@@ -10,6 +10,7 @@ every row acknowledged after the swap must stay.
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import shlex
 import time
@@ -35,6 +36,7 @@ from conftest import (
 from test_pgbackrest_ha import STANZA, info, local_sql, wait_in_repository
 
 PLAYBOOK = "pg_pitr_restore.yml"
+LOCK = "/var/lib/pgbackrest/grandmodel-pitr-grandmodel.lock"
 
 
 def flat(proc: Any) -> str:
@@ -64,9 +66,17 @@ def restore_under_load(now: str, unit: str, *extra: str) -> tuple[str, float, li
     try:
         wait_for("the client's first commits", lambda: len(load.acknowledged()) > 20, timeout=30)
         started = time.monotonic()
-        proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", *extra)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(run_playbook, PLAYBOOK, "-e", "pitr_confirm=grandmodel", *extra)
+            # A second restore started while this one holds the lock is refused and changes nothing.
+            wait_for("the restore's lock", lambda: member(REPO_HOST).run(f"test -s {LOCK}/owner").rc == 0, timeout=60)
+            second = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", *extra)
+            proc = running.result()
         took = time.monotonic() - started
         assert proc.returncode == 0, flat(proc)[-4000:]
+        assert second.returncode != 0 and "says another restore holds it" in flat(second), flat(second)[-3000:]
+        assert "Nothing was changed" in flat(second), flat(second)[-3000:]
+        assert member(REPO_HOST).run(f"test -e {LOCK}").rc != 0, "the restore's lock was not released"
         wait_for("commits after the swap", lambda: load.acknowledged()[-1][1] > time.time() - 2, timeout=30)
     finally:
         acked = load.stop()
@@ -120,6 +130,17 @@ def test_a_wrong_or_unconfirmed_cluster_restore_is_refused_and_changes_nothing(b
         proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_target_time='{target}'")
     assert proc.returncode != 0, flat(proc)[-2000:]
     assert "pgbackrest verify on gm-mol-ha-repo found a problem" in flat(proc), (damaged, flat(proc)[-3000:])
+    assert "Nothing was changed" in flat(proc), flat(proc)[-3000:]
+    # The lock an interrupted restore left in its swap: refused, the message quotes it and points to the steps.
+    repo = member(REPO_HOST)
+    repo.check_output(f"mkdir {LOCK} && printf 'stamp: 20261201T000000Z\\nstage: swap\\n' > {LOCK}/owner")
+    try:
+        proc = run_playbook(PLAYBOOK, "-e", "pitr_confirm=grandmodel", "-e", f"pitr_target_time='{target}'")
+    finally:
+        repo.check_output(f"rm -r {LOCK}")
+    assert proc.returncode != 0, flat(proc)[-2000:]
+    assert "says another restore holds it (stamp: 20261201T000000Z; stage: swap)" in flat(proc), flat(proc)[-3000:]
+    assert "A cluster restore interrupted during the swap" in flat(proc), flat(proc)[-3000:]
     assert "Nothing was changed" in flat(proc), flat(proc)[-3000:]
     assert leader(cluster()) == before["leader"]
     assert start_times() == before["started"]
@@ -195,11 +216,13 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
     time.sleep(1.2)
     sql(now, "INSERT INTO pitr_probe SELECT g, 'B' FROM generate_series(6, 8) g")
     # The archiving RPO: seconds from B's commit until its WAL segment is in the repository, without a switch
-    # (archive_timeout, 60 s, forces one).
+    # (archive_timeout forces one: 20 s in this scenario, patroni_archive_timeout 60 s by default).
+    timeout = int(local_sql(now, "SELECT setting FROM pg_settings WHERE name = 'archive_timeout'"))
+    assert 0 < timeout <= 60, timeout
     committed = time.monotonic()
-    wait_in_repository(now, local_sql(now, "SELECT pg_walfile_name(pg_current_wal_lsn())"), timeout=90)
+    wait_in_repository(now, local_sql(now, "SELECT pg_walfile_name(pg_current_wal_lsn())"), timeout=timeout + 30)
     rpo = time.monotonic() - committed
-    assert rpo < 75, rpo
+    assert rpo < timeout + 15, (rpo, timeout)
 
     # A client on another member, through its HAProxy, commits during the whole restore: its rows are all after the
     # target. Those acknowledged before the swap must be gone afterwards, those acknowledged after it must stay.
@@ -240,10 +263,12 @@ def test_pitr_of_the_cluster_gives_exactly_the_rows_before_the_target_and_keeps_
     assert stamp, out[-2000:]
     RESTORED.update(stamp=stamp.group(1), before_swap=before_swap, after_swap=after_swap, timeline=timeline_after)
     record(pitr_playbook_s=round(took, 1), pitr_down_s=float(down.group(1)), pitr_client_gap_s=round(gap, 2),
-           pitr_rows=rows, pitr_archive_rpo_s=round(rpo, 1), pitr_timelines=[timeline_before, timeline_after],
+           pitr_rows=rows, pitr_archive_rpo_s=round(rpo, 1), pitr_archive_timeout_s=timeout,
+           pitr_timelines=[timeline_before, timeline_after],
            pitr_client_commits_discarded=len(before_swap), pitr_client_commits_kept=len(after_swap))
     print(f"\nFIGURE cluster PITR to {target} (timeline {timeline_before} -> {timeline_after}): rows {rows} "
-          f"(A 1-5 before, B 6-8 after); archive RPO {rpo:.1f} s; playbook {took:.0f} s, down {down.group(1)} s, "
+          f"(A 1-5 before, B 6-8 after); archive RPO {rpo:.1f} s (archive_timeout {timeout} s); "
+          f"playbook {took:.0f} s, down {down.group(1)} s, "
           f"client gap {gap:.2f} s; client commits {len(before_swap)} after the target discarded, "
           f"{len(after_swap)} after the swap kept (0 lost)")
 
@@ -278,3 +303,51 @@ def test_rolling_back_the_cluster_restore_brings_back_every_commit_it_discarded(
     print(f"\nFIGURE cluster PITR rolled back ({RESTORED['stamp']}): rows B and {len(RESTORED['before_swap'])} "
           f"discarded commits back, {len(RESTORED['after_swap'])} written on the restored data gone; playbook "
           f"{took:.0f} s, client gap {gap:.2f} s, timeline {RESTORED['timeline']} -> {timeline}")
+
+
+def test_an_emptied_repository_group_is_refused_and_archiving_stops_only_when_asked() -> None:
+    # Last in the file: stopping archiving leaves a hole in the repository's WAL (no later test recovers through it).
+    # A run whose repository group is empty must not leave the cluster's archive_command pushing to a repository
+    # nobody manages (every push fails and pg_wal grows until the disk is full), and must not stop the backups
+    # unasked either: it refuses; with patroni_archive_stop it stops archiving (no restart), and a run with the
+    # repository back turns it on again and says that a new full backup is needed.
+    now = leader(cluster())
+    assert now
+    pushing = f"pgbackrest --stanza={STANZA} archive-push %p"
+
+    def archive_commands() -> set[str]:
+        return {local_sql(name, "SHOW archive_command") for name in MEMBERS}
+
+    assert archive_commands() == {pushing}
+    emptied = ("--tags", "patroni_service", "-e", "patroni_pgbackrest_repo_group=gm_no_repository")
+    refused = run_playbook("data_ha.yml", *emptied)
+    said = flat(refused)
+    assert refused.returncode != 0, said[-2000:]
+    assert "'gm_no_repository' has no host now" in said and "Nothing was changed" in said, said[-2000:]
+    assert archive_commands() == {pushing}
+
+    stopped = run_playbook("data_ha.yml", *emptied, "-e", "patroni_archive_stop=true")
+    said = flat(stopped)
+    assert stopped.returncode == 0, said[-2000:]
+    assert "WAL archiving of grandmodel is stopped" in said, said[-2000:]
+    wait_for("/bin/true as every member's archive_command", lambda: archive_commands() == {"/bin/true"}, timeout=30)
+    assert local_sql(now, "SELECT pending_restart FROM pg_settings WHERE name = 'archive_command'") == "f"
+    # A switched segment now counts as archived at once (recycled, not kept in pg_wal), and nothing fails.
+    failed = local_sql(now, "SELECT failed_count FROM pg_stat_archiver")
+    local_sql(now, "DROP TABLE IF EXISTS archive_stop_probe; CREATE TABLE archive_stop_probe (id int)")
+    switched = local_sql(now, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    local_sql(now, "SELECT pg_switch_wal()")
+    wait_for("the switched segment archived by /bin/true",
+             lambda: local_sql(now, "SELECT last_archived_wal FROM pg_stat_archiver") >= switched, timeout=30)
+    assert local_sql(now, "SELECT failed_count FROM pg_stat_archiver") == failed
+    again = run_playbook("data_ha.yml", *emptied, "-e", "patroni_archive_stop=true")
+    assert again.returncode == 0 and re.search(r"changed=[1-9]", again.stdout) is None, flat(again)[-2000:]
+
+    resumed = run_playbook("data_ha.yml", "--tags", "patroni_service")
+    said = flat(resumed)
+    assert resumed.returncode == 0, said[-2000:]
+    assert "WAL archiving of grandmodel resumes" in said and "pgbackrest-backup@full.service" in said, said[-2000:]
+    wait_for("archive-push as every member's archive_command again", lambda: archive_commands() == {pushing},
+             timeout=30)
+    check = member(REPO_HOST).run(f"runuser -u pgbackrest -- pgbackrest --stanza={STANZA} check")
+    assert check.rc == 0, check.stdout[-800:] + check.stderr[-800:]
