@@ -53,6 +53,8 @@ ALLOWED: dict[tuple[str, str], str] = {
         "reads getent_passwd (name, uid, shell), no password hash",
     ("roles/postgresql/tasks/restore.yml", "Restore the database from the dump in one transaction"):
         "--no-password only forbids a prompt; peer authentication as postgres, no secret in argv",
+    ("roles/pgbackrest/tasks/preflight.yml", "Assert the object store repository is fully described when it is on"):
+        "says only whether the object store's key and secret are set or empty, never their values",
     ("roles/redis/tasks/preflight.yml", "Assert the application ACL rules grant no password or user changes"):
         "checks that the ACL rules hold no password; prints the rules, which it has just proved hold none",
     ("roles/redis/tasks/restore.yml", "Fail with what went wrong"):

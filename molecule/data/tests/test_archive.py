@@ -25,7 +25,8 @@ def info(host, user: str) -> dict[str, object]:
 def test_backup_is_on_the_repository_host_not_the_database_host(host, repo_host):
     state = info(repo_host, "pgbackrest")
     assert state["status"]["code"] == 0, state["status"]
-    full = [b for b in state["backup"] if b["type"] == "full"]
+    # Of the repository host's repository (repo1); the object store's (repo2) is test_pgbackrest.py's.
+    full = [b for b in state["backup"] if b["type"] == "full" and b["database"]["repo-key"] == 1]
     assert full, state["backup"]
     label = full[-1]["label"]
     # The files are on the repository host...

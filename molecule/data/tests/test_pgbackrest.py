@@ -116,7 +116,7 @@ def test_a_pitr_from_a_damaged_repository_is_refused_and_changes_nothing(host, r
     finally:
         repo_host.check_output(f"cp -p {saved} {path} && rm -f {saved}")
     assert proc.returncode != 0, flat(proc)[-2000:]
-    assert "pgbackrest verify on gm-mol-data-client found a problem" in flat(proc), flat(proc)[-3000:]
+    assert "pgbackrest verify of repository 1 on gm-mol-data-client found a problem" in flat(proc), flat(proc)[-3000:]
     # The overwritten bytes no longer decompress: pgBackRest's own error is named, not its whole log.
     told = flat(proc).split("found a problem")[-1]
     assert "ERROR: [029]: lz4 error" in told and "verify command begin" not in told, told[:2000]
@@ -145,3 +145,63 @@ def test_pitr_to_a_time_between_two_writes_gives_exactly_the_rows_before_it(host
     aside = host.check_output(f"ls -d {PG_PATH}.before-pitr-*").split()
     assert len(aside) == 1 and host.file(f"{aside[0]}/PG_VERSION").is_file
     assert host.run(f"ls -d {PG_PATH}.pitr-* 2>/dev/null").stdout.strip() == ""
+
+
+def backups_per_repo(repo_host) -> dict[int, int]:
+    info = json.loads(repo_host.check_output(
+        f"runuser -u pgbackrest -- pgbackrest --stanza={STANZA} --output=json info"))
+    counts: dict[int, int] = {}
+    for backup in info[0]["backup"]:
+        counts[backup["database"]["repo-key"]] = counts.get(backup["database"]["repo-key"], 0) + 1
+    return counts
+
+
+def test_the_object_store_repository_takes_backups_and_wal_and_restores_without_the_repository_host(
+        host, repo_host, refused):
+    # The second repository (repo2, pgbackrest_s3_*) is an S3 object store (moto behind nginx's TLS on the
+    # controller, scripts/s3_emulator.py). The converge took a first full backup into each repository; the
+    # backup unit the timers start backs up into both and verifies both.
+    counts = backups_per_repo(repo_host)
+    assert set(counts) == {1, 2}, counts
+    started = time.monotonic()
+    repo_host.check_output("systemctl start pgbackrest-backup@diff.service")
+    backup_s = time.monotonic() - started
+    after = backups_per_repo(repo_host)
+    assert after == {1: counts[1] + 1, 2: counts[2] + 1}, (counts, after)
+    journal = repo_host.check_output("journalctl -u pgbackrest-backup@diff.service -n 200 --no-pager")
+    assert "--repo=2" in journal and "verify command end: completed successfully" in journal, journal[-2000:]
+
+    # Rows E, a target time, rows F; F's segment in the object store.
+    sql(host, "INSERT INTO public.pitr_probe SELECT g, 'E' FROM generate_series(10, 12) g")
+    time.sleep(1.2)
+    target = sql(host, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+    time.sleep(1.2)
+    sql(host, "INSERT INTO public.pitr_probe SELECT g, 'F' FROM generate_series(13, 15) g")
+    segment = sql(host, "SELECT pg_walfile_name(pg_switch_wal())")
+    fetch = f"runuser -u postgres -- pgbackrest --stanza={STANZA} --repo=2 archive-get {segment} /tmp/s3-probe-wal"
+    deadline = time.monotonic() + 60
+    while host.run(fetch).rc != 0:
+        assert time.monotonic() < deadline, archiving_state(host, repo_host)
+        time.sleep(1)
+    host.run("rm -f /tmp/s3-probe-wal")
+
+    # The repository host is lost (its pgBackRest TLS server stopped: nothing reaches repo1): the restore reads
+    # the object store, verify included, and recovery fetches WAL from it.
+    repo_host.check_output("systemctl stop pgbackrest-server")
+    try:
+        refused_repo = pitr(pitr_confirm=DB_HOST, pitr_target_time=target, pitr_repo="3")
+        started = time.monotonic()
+        proc = pitr(pitr_confirm=DB_HOST, pitr_target_time=target, pitr_repo="2")
+        took = time.monotonic() - started
+    finally:
+        repo_host.check_output("systemctl start pgbackrest-server")
+    assert refused_repo.returncode != 0 and "pgbackrest_restore_repo must be 1" in flat(refused_repo), \
+        flat(refused_repo)[-2000:]
+    assert proc.returncode == 0, flat(proc)[-4000:]
+    rows = sql(host, "SELECT string_agg(id || batch, ',' ORDER BY id) FROM public.pitr_probe")
+    print(f"\nFIGURE PITR from the object store (repository host down) to {target}: rows {rows}, playbook "
+          f"{took:.0f} s; a differential backup into both repositories with both verified {backup_s:.0f} s")
+    assert rows == "1A,2A,3A,4A,5A,9C,10E,11E,12E", rows
+    assert sql(host, "SELECT pg_is_in_recovery()") == "f"
+    # With the repository host back, archiving reaches both repositories again.
+    assert repo_host.run(f"runuser -u pgbackrest -- pgbackrest --stanza={STANZA} check").rc == 0
