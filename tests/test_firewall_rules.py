@@ -54,6 +54,7 @@ all:
         ha1: {{firewall_host_addresses: [{ADDRESSES["ha1"]}]}}
         ha2: {{firewall_host_addresses: [{ADDRESSES["ha2"]}]}}
         ha3: {{firewall_host_addresses: [{ADDRESSES["ha3"]}]}}
+    cache_ha: {{children: {{db_ha: {{}}}}}}
 """
 PLAY = f"""
 - name: Render the firewall ruleset of every host
@@ -215,12 +216,14 @@ def test_every_scrape_target_of_prometheus_is_open_to_the_monitoring_hosts(rules
 
     monitoring = yaml.safe_load((COLLECTION / "roles" / "monitoring" / "defaults" / "main.yml").read_text())
     common = yaml.safe_load((COLLECTION / "roles" / "_common" / "defaults" / "main.yml").read_text())
-    hosts_of = {"all": list(ADDRESSES), "db": ["db1"], "cache": ["cache1"], "lb": ["lb1"], "app": ["app1"]}
+    hosts_of = {"all": list(ADDRESSES), "db": ["db1"], "cache": ["cache1"], "lb": ["lb1"], "app": ["app1"],
+                "db_ha": ["ha1", "ha2", "ha3"], "cache_ha": ["ha1", "ha2", "ha3"]}
     targets = [(group, monitoring["monitoring_exporter_ports"][job])
                for job, group in monitoring["monitoring_scrape_groups"].items() if job != "grandmodel"]
     targets += [(monitoring["monitoring_scrape_groups"]["grandmodel"], colour["port"])
                 for colour in common["grandmodel_colors"].values()]
-    assert len(targets) == 6, targets
+    # node, postgres, postgres_ha, patroni, redis, redis_ha, nginx and the two colours.
+    assert len(targets) == 9, targets
     for group, port in targets:
         for host in hosts_of[group]:
             assert {ADDRESSES["mon1"], ADDRESSES["mon2"]} <= sources(rulesets[host], port), (group, host, port)
@@ -243,7 +246,8 @@ def test_every_listening_port_of_the_roles_has_a_rule():
         "exporters_redis_port": ("exporters", 9121), "exporters_nginx_port": ("exporters", 9113),
         "loadbalancer_http_port": ("loadbalancer", 80), "loadbalancer_https_port": ("loadbalancer", 443),
         "etcd_client_port": ("etcd", 2379), "etcd_peer_port": ("etcd", 2380),
-        "patroni_restapi_port": ("patroni", 8008), "pg_endpoint_rw_port": ("pg_endpoint", 5000),
+        "patroni_restapi_port": ("patroni", 8008), "patroni_metrics_port": ("patroni", 9547),
+        "pg_endpoint_rw_port": ("pg_endpoint", 5000),
         "pg_endpoint_ro_port": ("pg_endpoint", 5001),
     }
     for name, (role, port) in listened.items():
