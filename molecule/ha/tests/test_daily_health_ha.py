@@ -43,7 +43,12 @@ SENTINEL_CONF = "/etc/redis/grandmodel-sentinel.conf"
 
 def daily_health(tmp_path: Path, name: str) -> tuple[int, dict[str, Any], str]:
     reports = tmp_path / name
-    proc = run_playbook("runbooks/daily_health.yml", "-e", json.dumps({"runbook_reports_dir": str(reports)}))
+    # The scenario's Prometheus (the repository host, group monitoring) is left out: its alerts would add to the
+    # problems each fault here is named by (a stopped Patroni is also a down target), and the machine's own alerts
+    # (CPU under the suite's load, the unsynchronised clock) are no replication fault. molecule/monitoring proves
+    # the runbook's monitoring section; test_monitoring_ha.py the data tier's alerts.
+    extra = {"runbook_reports_dir": str(reports), "runbook_monitoring_group": "no_monitoring_in_this_check"}
+    proc = run_playbook("runbooks/daily_health.yml", "-e", json.dumps(extra))
     found = sorted(reports.glob("daily_health-*/report.json"))
     assert found, proc.stdout[-3000:] + proc.stderr[-2000:]
     markdown = found[-1].with_name("report.md").read_text()
